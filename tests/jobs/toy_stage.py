@@ -1,0 +1,58 @@
+"""A toy stage for runtime tests: each element's chip name says what its unit does.
+
+  OK    writes a small product and reports a summary
+  BADQ  completes with quality 7 (bad data)
+  RAISE raises (a fault)
+  SLOW  sleeps past the unit timeout (a timeout fault)
+  EXIT  kills its rank abruptly
+Usage: mpiexec -n N python toy_stage.py LEDGER [--set key=value ...]
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ps1mpi.cli.common import add_job_options, run_stage_command
+from ps1mpi.infra.products import atomic_output
+from ps1mpi.stages.base import Outcome, Stage, WorkUnit
+
+
+class ToyStage(Stage):
+    name = "toy"
+    run_table = "chipRun"
+    element_table = "chipProcessedImfile"
+    outputs = {"result": "toy/{row}.txt"}
+
+    def unit_names(self, ledger, rows):
+        return [c.decode() for c in ledger.column(self.element_table, "chip", rows)]
+
+    def units(self, ledger, ctx):
+        units = super().units(ledger, ctx)
+        for u in units:
+            u.info["kind"] = u.name.split("-")[0]
+        return units
+
+    def process(self, unit: WorkUnit, ctx) -> Outcome:
+        kind = unit.info["kind"]
+        if kind == "RAISE":
+            raise OSError(f"simulated disk failure on {unit.name}")
+        if kind == "SLOW":
+            time.sleep(30)
+        if kind == "EXIT":
+            os._exit(3)
+        if kind == "BADQ":
+            return Outcome(quality=7, message="no stars found")
+        work = float(ctx.recipe.get("runtime.progress_s")) * 0  # recipe reachable on every rank
+        with atomic_output(self.product_path(ctx, "result", row=unit.row)) as tmp:
+            tmp.write_text(f"{unit.name} rank {ctx.world.rank}\n")
+        return Outcome(summary={"n_sources": unit.row, "bg": 1.5 + work})
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser()
+    add_job_options(p)
+    sys.exit(run_stage_command(ToyStage(), p.parse_args()))
