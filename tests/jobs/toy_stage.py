@@ -51,8 +51,30 @@ class ToyStage(Stage):
         return Outcome(summary={"n_sources": unit.row, "bg": 1.5 + work})
 
 
+class GroupToyStage(ToyStage):
+    """Each unit is processed by a group of two ranks that exchange arrays by buffer calls."""
+
+    group_size = 2
+
+    def process(self, unit: WorkUnit, ctx) -> Outcome:
+        group = ctx.world
+        data = group.bcast_array(np.arange(5.0) * unit.row if group.rank == 0 else None)
+        part = np.array([group.rank + 1.0]) * data[1]
+        total = group.allreduce(part)[0]
+        gathered = group.gatherv(np.full(group.rank + 1, unit.row, np.int64))
+        if group.rank == 0:
+            expected = unit.row * sum(range(1, group.size + 1))
+            assert total == expected, (total, expected)
+            assert gathered.size == sum(range(1, group.size + 1))
+            with atomic_output(self.product_path(ctx, "result", row=unit.row)) as tmp:
+                tmp.write_text(f"{total} {group.size}\n")
+        return Outcome(summary={"n_sources": int(total)})
+
+
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser()
     add_job_options(p)
-    sys.exit(run_stage_command(ToyStage(), p.parse_args()))
+    p.add_argument("--group", action="store_true")
+    args = p.parse_args()
+    sys.exit(run_stage_command(GroupToyStage() if args.group else ToyStage(), args))
