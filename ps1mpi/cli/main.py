@@ -7,7 +7,13 @@ Each command module in ``ps1mpi.cli`` has ``DESCRIPTION``, ``parse(argv)`` and `
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# One BLAS/OpenMP thread per rank: MPI ranks are the parallelism (measured: a threaded BLAS
+# on an oversubscribed node makes the astrometry fit 3-4x slower). Set before numpy loads.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 # command -> module in ps1mpi.cli, in pipeline order
 COMMANDS = {
