@@ -81,6 +81,11 @@ def _summitcopy(campaign: CampaignDefinition, recipe: Recipe) -> Stage:
                            accept=campaign.accepts)
 
 
+def _camera(campaign: CampaignDefinition, recipe: Recipe) -> Stage:
+    from .stages.camera import CameraStage
+    return CameraStage(group_size=int(recipe.get("camera.group_size")))
+
+
 def _stack(campaign: CampaignDefinition, recipe: Recipe) -> Stage:
     from .stages.stack import build_stage
     return build_stage(campaign, recipe)
@@ -96,6 +101,7 @@ PIPELINE: tuple[StageSpec, ...] = (
     StageSpec("summitcopy", "ps1mpi.stages.summitcopy", _summitcopy, ("summitExp", "summitImfile")),
     StageSpec("register", "ps1mpi.stages.register", _plain("ps1mpi.stages.register", "RegisterStage"),
               ("rawExp", "rawImfile")),
+    StageSpec("camera", "ps1mpi.stages.camera", _camera, ("camRun", "camProcessedExp")),
     StageSpec("warp", "ps1mpi.stages.warp", _plain("ps1mpi.stages.warp", "WarpStage"),
               ("warpRun", "warpSkyfile")),
     StageSpec("stack", "ps1mpi.stages.stack", _stack, ("stackRun", "stackSumSkyfile")),
