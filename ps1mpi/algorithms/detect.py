@@ -23,6 +23,14 @@ Detection follows psphot (IPP):
    are blends; every peak in them is flagged ``blend`` and the brightest ``blend_primary``.
 
 Coordinates are 0-based pixels with the centre of pixel ``[j, i]`` at ``(x, y) = (i, j)``.
+
+Implementation. With numba (a project dependency) the matched filter is one streaming pass
+over the rows (weighting, separable filters in float32 through a ring of rows held in cache,
+the kernel coverage computed only near unusable pixels), the pixels above the footprint
+threshold are kept as runs per row, grown and labelled as runs (union-find, numbered in
+raster order like ``scipy.ndimage.label``), and the saddle test is a flood fill that stops
+at the first brighter surviving peak. Without numba the same results come from
+``scipy.ndimage`` filters, dilation and labelling (to float rounding).
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ from scipy.spatial import cKDTree
 
 from . import maskbits
 from .moments import centroid_moments, deconvolve_window
+
+try:  # numba is a dependency; the scipy path computes the same result without it
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    numba = None
+    _HAVE_NUMBA = False
 
 __all__ = [
     "DETECTION_DTYPE",
@@ -133,6 +149,588 @@ def _matched_filter(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     return num, den
 
 
+# ----------------------------------------------------------------------------------------
+# compiled kernels (numba): one streaming pass for the matched filter, run-length footprints
+
+
+if _HAVE_NUMBA:
+    _JIT = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+
+    @numba.njit(**_JIT)
+    def _grow_i4(a, n):  # pragma: no cover - compiled
+        """``a`` with its capacity doubled (the first ``n`` values kept)."""
+        b = np.empty(max(2 * a.size, 64), np.int32)
+        b[:n] = a[:n]
+        return b
+
+    @numba.njit(**_JIT)
+    def _hfilter(p, g, r, out):  # pragma: no cover - compiled
+        """``out[i] = sum_k g[k] p[i + k]`` for a symmetric kernel of half-width ``r``;
+        ``p`` is the row padded by ``r`` zeros on both sides."""
+        n = out.size
+        c = p[r:r + n]
+        g0 = g[r]
+        for i in range(n):
+            out[i] = g0 * c[i]
+        for k in range(1, r + 1):
+            gk = g[r + k]
+            a = p[r - k:r - k + n]
+            b = p[r + k:r + k + n]
+            for i in range(n):
+                out[i] += gk * (a[i] + b[i])
+
+    @numba.njit(**_JIT)
+    def _matched_filter_nb(img, var, mask, use_mask, bits, g, g2, min_cov, sig, amp,
+                           want_amp):  # pragma: no cover - compiled
+        """Significance (and amplitude) images of the inverse-variance-weighted matched
+        filter in one pass over the rows.
+
+        Every input row is weighted (``W = 1/V``, 0 on unusable pixels) and filtered along
+        x into a ring of ``2r + 1`` rows; every output row is then the filter along y of
+        the ring, by blocks of columns that stay in the L1 cache. The kernel coverage by
+        usable pixels is the border coverage (separable) less the filtered unusable
+        pixels, which are only visited near unusable pixels.
+        """
+        ny, nx = img.shape
+        r = (g.size - 1) // 2
+        nr = 2 * r + 1
+        bw = 256
+        nblk = (nx + bw - 1) // bw
+        f32 = np.float32
+        pw = np.zeros(nx + 2 * r, np.float32)
+        pwi = np.zeros(nx + 2 * r, np.float32)
+        pgood = np.zeros(nx, np.uint8)
+        hn = np.empty((nr, nx), np.float32)
+        hd = np.empty((nr, nx), np.float32)
+        hb = np.empty((nr, nx), np.float32)
+        bflag = np.zeros((nr, nblk), np.bool_)
+        acc_n = np.empty(bw, np.float32)
+        acc_d = np.empty(bw, np.float32)
+        acc_c = np.empty(bw, np.float32)
+        k2 = 0.0
+        for k in range(nr):
+            k2 += g2[k]
+        covx = np.empty(nx, np.float32)
+        for i in range(nx):
+            s = 0.0
+            for k in range(-r, r + 1):
+                if 0 <= i + k < nx:
+                    s += g2[k + r]
+            covx[i] = s / k2
+        covy = np.empty(ny, np.float32)
+        for j in range(ny):
+            s = 0.0
+            for k in range(-r, r + 1):
+                if 0 <= j + k < ny:
+                    s += g2[k + r]
+            covy[j] = s / k2
+        inv_kk2 = f32(1.0 / (k2 * k2))
+        one = f32(1.0)
+        zero = f32(0.0)
+        for jin in range(ny + r):
+            if jin < ny:
+                slot = jin % nr
+                row = img[jin]
+                vrow = var[jin]
+                cw = pw[r:r + nx]
+                cwi = pwi[r:r + nx]
+                nbad = 0
+                if use_mask:
+                    mrow = mask[jin]
+                    for i in range(nx):
+                        v = vrow[i]
+                        x = row[i]
+                        w = one / v
+                        ok = (v > 0) & np.isfinite(w) & np.isfinite(x) & ((mrow[i] & bits) == 0)
+                        cw[i] = w if ok else zero
+                        cwi[i] = w * x if ok else zero
+                        pgood[i] = ok
+                        nbad += not ok
+                else:
+                    for i in range(nx):
+                        v = vrow[i]
+                        x = row[i]
+                        w = one / v
+                        ok = (v > 0) & np.isfinite(w) & np.isfinite(x)
+                        cw[i] = w if ok else zero
+                        cwi[i] = w * x if ok else zero
+                        pgood[i] = ok
+                        nbad += not ok
+                _hfilter(pwi, g, r, hn[slot])
+                _hfilter(pw, g2, r, hd[slot])
+                # unusable pixels of the row, filtered along x (only near them)
+                bflag[slot, :] = False
+                if nbad > 0:
+                    hbr = hb[slot]
+                    for i in range(nx):
+                        if pgood[i] == 0:
+                            b0 = max(i - r, 0) // bw
+                            b1 = min(i + r, nx - 1) // bw
+                            for b in range(b0, b1 + 1):
+                                if not bflag[slot, b]:
+                                    bflag[slot, b] = True
+                                    hbr[b * bw:min((b + 1) * bw, nx)] = 0.0
+                    for i in range(nx):
+                        if pgood[i] == 0:
+                            for t in range(max(i - r, 0), min(i + r, nx - 1) + 1):
+                                hbr[t] += g2[t - i + r]
+            jo = jin - r
+            if jo < 0:
+                continue
+            c = jo % nr
+            cy = covy[jo]
+            srow = sig[jo]
+            for b in range(nblk):
+                i0 = b * bw
+                n = min(bw, nx - i0)
+                hc = hn[c, i0:i0 + n]
+                dc = hd[c, i0:i0 + n]
+                g0 = g[r]
+                g20 = g2[r]
+                for i in range(n):
+                    acc_n[i] = g0 * hc[i]
+                    acc_d[i] = g20 * dc[i]
+                for k in range(1, r + 1):
+                    gk = g[r + k]
+                    g2k = g2[r + k]
+                    lo = jo - k
+                    hi = jo + k
+                    if lo >= 0 and hi < ny:
+                        a1 = hn[lo % nr, i0:i0 + n]
+                        a2 = hn[hi % nr, i0:i0 + n]
+                        d1 = hd[lo % nr, i0:i0 + n]
+                        d2 = hd[hi % nr, i0:i0 + n]
+                        for i in range(n):
+                            acc_n[i] += gk * (a1[i] + a2[i])
+                            acc_d[i] += g2k * (d1[i] + d2[i])
+                    elif lo >= 0 or hi < ny:
+                        jj = lo if lo >= 0 else hi
+                        a1 = hn[jj % nr, i0:i0 + n]
+                        d1 = hd[jj % nr, i0:i0 + n]
+                        for i in range(n):
+                            acc_n[i] += gk * a1[i]
+                            acc_d[i] += g2k * d1[i]
+                flagged = False
+                for k in range(-r, r + 1):
+                    jj = jo + k
+                    if 0 <= jj < ny and bflag[jj % nr, b]:
+                        flagged = True
+                        break
+                cx = covx[i0:i0 + n]
+                if flagged:
+                    for i in range(n):
+                        acc_c[i] = 0.0
+                    for k in range(-r, r + 1):
+                        jj = jo + k
+                        if 0 <= jj < ny and bflag[jj % nr, b]:
+                            gk = g2[k + r]
+                            hbr = hb[jj % nr, i0:i0 + n]
+                            for i in range(n):
+                                acc_c[i] += gk * hbr[i]
+                    for i in range(n):
+                        acc_c[i] = cy * cx[i] - acc_c[i] * inv_kk2
+                else:
+                    for i in range(n):
+                        acc_c[i] = cy * cx[i]
+                so = srow[i0:i0 + n]
+                for i in range(n):
+                    d = acc_d[i]
+                    ok = (d > 0) & (acc_c[i] >= min_cov)
+                    so[i] = acc_n[i] / np.sqrt(d) if ok else zero
+                if want_amp:
+                    ao = amp[jo, i0:i0 + n]
+                    for i in range(n):
+                        d = acc_d[i]
+                        ok = (d > 0) & (acc_c[i] >= min_cov)
+                        ao[i] = acc_n[i] / d if ok else zero
+
+    @numba.njit(**_JIT)
+    def _amplitude_at_nb(img, var, mask, use_mask, bits, g, g2, ys, xs):  # pragma: no cover
+        """Matched-filter amplitude ``(g * W I) / (g^2 * W)`` at single pixels."""
+        ny, nx = img.shape
+        r = (g.size - 1) // 2
+        out = np.zeros(ys.size)
+        for q in range(ys.size):
+            num = 0.0
+            den = 0.0
+            for dy in range(-r, r + 1):
+                j = ys[q] + dy
+                if j < 0 or j >= ny:
+                    continue
+                for dx in range(-r, r + 1):
+                    i = xs[q] + dx
+                    if i < 0 or i >= nx:
+                        continue
+                    v = var[j, i]
+                    x = img[j, i]
+                    w = np.float32(1.0) / v
+                    ok = (v > 0) & np.isfinite(w) & np.isfinite(x)
+                    if use_mask:
+                        ok = ok & ((mask[j, i] & bits) == 0)
+                    if ok:
+                        num += g[dy + r] * g[dx + r] * (float(w) * float(x))
+                        den += g2[dy + r] * g2[dx + r] * float(w)
+            out[q] = num / den if den > 0 else 0.0
+        return out
+
+    @numba.njit(**_JIT)
+    def _next_above(row, i, fthr):  # pragma: no cover - compiled
+        """First index >= ``i`` where ``row > fthr`` (``row.size`` if none)."""
+        n = row.size
+        while i < n and not row[i] > fthr:
+            i += 1
+        return i
+
+    @numba.njit(**_JIT)
+    def _is_peak(sig, j, i):  # pragma: no cover - compiled
+        """3x3 local maximum test; ties go to the first pixel in raster order."""
+        ny, nx = sig.shape
+        v = sig[j, i]
+        for dy in range(-1, 2):
+            jj = j + dy
+            if jj < 0 or jj >= ny:
+                continue
+            for dx in range(-1, 2):
+                ii = i + dx
+                if (dy == 0 and dx == 0) or ii < 0 or ii >= nx:
+                    continue
+                nv = sig[jj, ii]
+                if dy < 0 or (dy == 0 and dx < 0):
+                    if not v > nv:
+                        return False
+                elif not v >= nv:
+                    return False
+        return True
+
+    @numba.njit(**_JIT)
+    def _run_end(sig, j, i, thr, fthr, pk_x, npk):  # pragma: no cover - compiled
+        """End (exclusive) of the run above ``fthr`` starting at ``(j, i)``; the columns of
+        its peaks above ``thr`` are written to ``pk_x[npk:]`` (the count is returned; the
+        caller guarantees room for a whole row)."""
+        row = sig[j]
+        n = row.size
+        while i < n and row[i] > fthr:
+            if row[i] > thr and _is_peak(sig, j, i):
+                pk_x[npk] = i
+                npk += 1
+            i += 1
+        return i, npk
+
+    @numba.njit(**_JIT)
+    def _scan_nb(sig, thr, fthr):  # pragma: no cover - compiled
+        """Runs of pixels above ``fthr`` (row, first, last) and the 3x3 local maxima above
+        ``thr`` (ties go to the first in raster order), both in raster order."""
+        ny, nx = sig.shape
+        run_row = np.empty(4096, np.int32)
+        run_s = np.empty(4096, np.int32)
+        run_e = np.empty(4096, np.int32)
+        pk_y = np.empty(1024, np.int32)
+        pk_x = np.empty(1024, np.int32)
+        rowpk = np.empty(nx, np.int32)
+        nrun = 0
+        npk = 0
+        for j in range(ny):
+            row = sig[j]
+            i = _next_above(row, 0, fthr)
+            nrow = 0
+            while i < nx:
+                s = i
+                i, nrow = _run_end(sig, j, i, thr, fthr, rowpk, nrow)
+                if nrun == run_row.size:
+                    run_row = _grow_i4(run_row, nrun)
+                    run_s = _grow_i4(run_s, nrun)
+                    run_e = _grow_i4(run_e, nrun)
+                run_row[nrun] = j
+                run_s[nrun] = s
+                run_e[nrun] = i - 1
+                nrun += 1
+                i = _next_above(row, i, fthr)
+            if nrow:
+                while npk + nrow > pk_y.size:
+                    pk_y = _grow_i4(pk_y, npk)
+                    pk_x = _grow_i4(pk_x, npk)
+                pk_y[npk:npk + nrow] = j
+                pk_x[npk:npk + nrow] = rowpk[:nrow]
+                npk += nrow
+        return (pk_y[:npk].copy(), pk_x[:npk].copy(), run_row[:nrun].copy(),
+                run_s[:nrun].copy(), run_e[:nrun].copy())
+
+    @numba.njit(**_JIT)
+    def _find(parent, a):  # pragma: no cover - compiled
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    @numba.njit(**_JIT)
+    def _footprints_nb(run_row, run_s, run_e, ny, nx, grow):  # pragma: no cover - compiled
+        """Grow the runs above threshold by ``grow`` pixels (L1 metric) and label the grown
+        runs 8-connected, numbered in raster order of their first pixel (as
+        ``scipy.ndimage.label``).
+
+        Returns the grown runs ``(row, first, last, label)`` in raster order, their row
+        pointers, the number of labels, per label (index 1..n) the pixel count, the count
+        of pixels above threshold and the bounding box, and the runs of each label.
+        """
+        nrun = run_row.size
+        rptr = np.zeros(ny + 1, np.int64)
+        for q in range(nrun):
+            rptr[run_row[q] + 1] += 1
+        for j in range(ny):
+            rptr[j + 1] += rptr[j]
+        g_row = np.empty(max(nrun, 16), np.int32)
+        g_s = np.empty(max(nrun, 16), np.int32)
+        g_e = np.empty(max(nrun, 16), np.int32)
+        ng = 0
+        gptr = np.zeros(ny + 1, np.int64)
+        cs = np.empty(64, np.int32)
+        ce = np.empty(64, np.int32)
+        for j in range(ny):
+            nc = 0
+            for dy in range(-grow, grow + 1):
+                jj = j + dy
+                if jj < 0 or jj >= ny:
+                    continue
+                ext = grow - abs(dy)
+                for q in range(rptr[jj], rptr[jj + 1]):
+                    if nc == cs.size:
+                        cs = _grow_i4(cs, nc)
+                        ce = _grow_i4(ce, nc)
+                    cs[nc] = max(run_s[q] - ext, 0)
+                    ce[nc] = min(run_e[q] + ext, nx - 1)
+                    nc += 1
+            if nc > 0:
+                order = np.argsort(cs[:nc])
+                s0 = cs[order[0]]
+                e0 = ce[order[0]]
+                for t in range(1, nc + 1):
+                    if t < nc:
+                        s1 = cs[order[t]]
+                        e1 = ce[order[t]]
+                        if s1 <= e0 + 1:
+                            e0 = max(e0, e1)
+                            continue
+                    if ng == g_row.size:
+                        g_row = _grow_i4(g_row, ng)
+                        g_s = _grow_i4(g_s, ng)
+                        g_e = _grow_i4(g_e, ng)
+                    g_row[ng] = j
+                    g_s[ng] = s0
+                    g_e[ng] = e0
+                    ng += 1
+                    if t < nc:
+                        s0 = s1
+                        e0 = e1
+            gptr[j + 1] = ng
+        parent = np.arange(ng)
+        for j in range(1, ny):
+            p = gptr[j - 1]
+            p1 = gptr[j]
+            q = gptr[j]
+            q1 = gptr[j + 1]
+            while p < p1 and q < q1:
+                if g_e[p] + 1 < g_s[q]:
+                    p += 1
+                elif g_e[q] + 1 < g_s[p]:
+                    q += 1
+                else:
+                    a = _find(parent, p)
+                    b = _find(parent, q)
+                    if a != b:
+                        if a < b:
+                            parent[b] = a
+                        else:
+                            parent[a] = b
+                    if g_e[p] < g_e[q]:
+                        p += 1
+                    else:
+                        q += 1
+        lab_of_root = np.zeros(ng, np.int32)
+        g_lab = np.empty(ng, np.int32)
+        nlab = 0
+        for t in range(ng):
+            root = _find(parent, t)
+            if lab_of_root[root] == 0:
+                nlab += 1
+                lab_of_root[root] = nlab
+            g_lab[t] = lab_of_root[root]
+        npix = np.zeros(nlab + 1, np.int64)
+        nabove = np.zeros(nlab + 1, np.int64)
+        bbox = np.empty((nlab + 1, 4), np.int64)     # y0, y1, x0, x1 (inclusive)
+        bbox[:, 0] = ny
+        bbox[:, 1] = -1
+        bbox[:, 2] = nx
+        bbox[:, 3] = -1
+        lptr = np.zeros(nlab + 2, np.int64)
+        for t in range(ng):
+            lab = g_lab[t]
+            npix[lab] += g_e[t] - g_s[t] + 1
+            bbox[lab, 0] = min(bbox[lab, 0], g_row[t])
+            bbox[lab, 1] = max(bbox[lab, 1], g_row[t])
+            bbox[lab, 2] = min(bbox[lab, 2], g_s[t])
+            bbox[lab, 3] = max(bbox[lab, 3], g_e[t])
+            lptr[lab + 1] += 1
+        for lab in range(nlab + 1):
+            lptr[lab + 1] += lptr[lab]
+        fill = lptr[:-1].copy()
+        lruns = np.empty(ng, np.int64)
+        for t in range(ng):
+            lab = g_lab[t]
+            lruns[fill[lab]] = t
+            fill[lab] += 1
+        # pixels above threshold per label: every run lies inside one grown run of its row
+        for j in range(ny):
+            p = gptr[j]
+            for q in range(rptr[j], rptr[j + 1]):
+                while g_e[p] < run_s[q]:
+                    p += 1
+                nabove[g_lab[p]] += run_e[q] - run_s[q] + 1
+        return g_row[:ng], g_s[:ng], g_e[:ng], g_lab, gptr, nlab, npix, nabove, bbox, lptr, lruns
+
+    @numba.njit(**_JIT)
+    def _label_at_nb(gptr, g_s, g_e, g_lab, ys, xs):  # pragma: no cover - compiled
+        """Footprint label (0 = none) of pixels ``(xs, ys)``."""
+        out = np.zeros(ys.size, np.int32)
+        for q in range(ys.size):
+            a = gptr[ys[q]]
+            b = gptr[ys[q] + 1]
+            while a < b:                      # last run starting at or before xs[q]
+                m = (a + b) // 2
+                if g_s[m] <= xs[q]:
+                    a = m + 1
+                else:
+                    b = m
+            t = a - 1
+            if t >= gptr[ys[q]] and g_e[t] >= xs[q]:
+                out[q] = g_lab[t]
+        return out
+
+    @numba.njit(**_JIT)
+    def _paint_nb(g_row, g_s, g_e, g_lab, out):  # pragma: no cover - compiled
+        for t in range(g_row.size):
+            out[g_row[t], g_s[t]:g_e[t] + 1] = g_lab[t]
+
+    @numba.njit(**_JIT)
+    def _cull_nb(sig, g_row, g_s, g_e, lptr, lruns, bbox, fids, mstart, mend, members, py, px,
+                 pv, nsigma, padding, cull_min):  # pragma: no cover - compiled
+        """Saddle test of the peaks of every footprint in ``fids`` (see the module notes);
+        ``members[mstart[f]:mend[f]]`` are the peaks of ``fids[f]`` in raster order.
+        Returns the surviving-peak flags."""
+        keep = np.ones(py.size, np.bool_)
+        for f in range(fids.size):
+            fid = fids[f]
+            y0 = bbox[fid, 0]
+            x0 = bbox[fid, 2]
+            h = bbox[fid, 1] - y0 + 1
+            w = bbox[fid, 3] - x0 + 1
+            infp = np.zeros((h, w), np.bool_)
+            for q in range(lptr[fid], lptr[fid + 1]):
+                t = lruns[q]
+                infp[g_row[t] - y0, g_s[t] - x0:g_e[t] - x0 + 1] = True
+            mem = members[mstart[f]:mend[f]]
+            vals = np.empty(mem.size)
+            for q in range(mem.size):
+                vals[q] = -float(pv[mem[q]])
+            order = np.argsort(vals, kind="mergesort")
+            kept_at = np.zeros((h, w), np.bool_)
+            visit = np.zeros((h, w), np.int32)
+            queue = np.empty(h * w, np.int64)
+            first = mem[order[0]]
+            kept_at[py[first] - y0, px[first] - x0] = True
+            for q in range(mem.size):
+                keep[mem[q]] = False
+            keep[first] = True
+            for o in range(1, mem.size):
+                i = mem[order[o]]
+                nu = float(pv[i])
+                level = nu - nsigma * np.hypot(1.0, padding * nu)
+                level = max(level, cull_min)
+                level = min(level, nu - 1e-6)
+                sy = py[i] - y0
+                sx = px[i] - x0
+                if not (infp[sy, sx] and sig[py[i], px[i]] >= level):
+                    keep[i] = True
+                    kept_at[sy, sx] = True
+                    continue
+                stamp = o + 1
+                visit[sy, sx] = stamp
+                queue[0] = sy * w + sx
+                head = 0
+                tail = 1
+                reached = False
+                while head < tail and not reached:
+                    cur = queue[head]
+                    head += 1
+                    cyy = cur // w
+                    cxx = cur - cyy * w
+                    for dy in range(-1, 2):
+                        yy = cyy + dy
+                        if yy < 0 or yy >= h:
+                            continue
+                        for dx in range(-1, 2):
+                            xx = cxx + dx
+                            if xx < 0 or xx >= w or visit[yy, xx] == stamp:
+                                continue
+                            if not infp[yy, xx] or not sig[yy + y0, xx + x0] >= level:
+                                continue
+                            if kept_at[yy, xx]:
+                                reached = True
+                                break
+                            visit[yy, xx] = stamp
+                            queue[tail] = yy * w + xx
+                            tail += 1
+                        if reached:
+                            break
+                if not reached:
+                    keep[i] = True
+                    kept_at[sy, sx] = True
+        return keep
+
+
+def _filter_kernels(fwhm: float, truncate: float) -> tuple[np.ndarray, np.ndarray]:
+    """Unnormalised matched-filter kernels ``g`` and ``g^2`` (1-D, float32, same length).
+
+    The half-widths are those of ``scipy.ndimage.gaussian_filter`` for the PSF sigma and
+    for ``sigma / sqrt(2)`` with ``truncate * sqrt(2)`` (the reference path).
+    """
+    sigma = fwhm / FWHM_PER_SIGMA
+    s2 = sigma / np.sqrt(2.0)
+    r = max(int(truncate * sigma + 0.5), int(truncate * np.sqrt(2.0) * s2 + 0.5))
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-0.5 * t * t / sigma ** 2)
+    g2 = np.exp(-0.5 * t * t / s2 ** 2)
+    r1 = int(truncate * sigma + 0.5)
+    r2 = int(truncate * np.sqrt(2.0) * s2 + 0.5)
+    g[np.abs(t) > r1] = 0.0
+    g2[np.abs(t) > r2] = 0.0
+    return g.astype(np.float32), g2.astype(np.float32)
+
+
+def _kernel_inputs(image, variance, mask, mask_bits):
+    """Contiguous float32 image and variance, and a mask with the bits to test."""
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    var = np.ascontiguousarray(variance, dtype=np.float32)
+    if mask is None:
+        return img, var, np.zeros((1, 1), np.uint16), False, np.uint16(0)
+    mask = np.asarray(mask)
+    if mask.dtype == np.uint16:
+        return img, var, np.ascontiguousarray(mask), True, np.uint16(mask_bits & 0xFFFF)
+    bad = ((mask & mask_bits) != 0).astype(np.uint16)
+    return img, var, bad, True, np.uint16(1)
+
+
+def _significance_nb(image, variance, mask, fwhm, mask_bits, truncate, min_coverage,
+                     want_amp):
+    """Significance and (if ``want_amp``) amplitude images with the compiled kernel."""
+    img, var, m, use_mask, bits = _kernel_inputs(image, variance, mask, mask_bits)
+    g, g2 = _filter_kernels(fwhm, truncate)
+    sig = np.empty(img.shape, np.float32)
+    amp = np.empty(img.shape if want_amp else (1, 1), np.float32)
+    _matched_filter_nb(img, var, m, use_mask, bits, g, g2, np.float32(min_coverage), sig, amp,
+                       bool(want_amp))
+    return sig, (amp if want_amp else None)
+
+
 def significance_image(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None, *,
                        fwhm: float, mask_bits: int = maskbits.BAD, truncate: float = 4.0,
                        min_coverage: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +764,9 @@ def significance_image(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     image, variance, mask = _check(image, variance, mask, "significance_image")
     if not fwhm > 0:
         raise ValueError(f"significance_image: fwhm must be positive, got {fwhm}")
+    if _HAVE_NUMBA:
+        return _significance_nb(image, variance, mask, fwhm, mask_bits, truncate, min_coverage,
+                                True)
     num, den = _matched_filter(image, variance, mask, fwhm, mask_bits, truncate, min_coverage)
     with np.errstate(invalid="ignore", divide="ignore"):
         sig = np.where(den > 0, num / np.sqrt(den), np.float32(0.0)).astype(np.float32)
@@ -245,6 +846,116 @@ def _cull_footprint(sig_sub: np.ndarray, in_fp: np.ndarray, py: np.ndarray, px: 
     return keep
 
 
+def _peaks_footprints_scipy(image, variance, mask, *, fwhm, threshold, footprint_threshold,
+                            footprint_grow, footprint_npix_min, cull_nsigma, cull_padding,
+                            cull_min, min_coverage, mask_bits, return_footprints):
+    """Peaks, footprints and deblending with scipy.ndimage (the path without numba).
+
+    Returns ``(sig, py, px, pfp, pv, amp, npix, labels)``: the significance image, the
+    surviving peaks (pixel, footprint label, significance, matched-filter amplitude), the
+    pixel count of every label (index 0..nlab) and the label image (None unless
+    ``return_footprints``).
+    """
+    num, den = _matched_filter(image, variance, mask, fwhm, mask_bits, 4.0, min_coverage)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sig = np.sqrt(den)
+        np.divide(num, sig, out=sig, where=den > 0)
+        sig[~(den > 0)] = 0.0
+    py, px = _local_maxima(sig, threshold)
+    # footprints: connected pixels above footprint_threshold, grown, labelled
+    above = sig > footprint_threshold
+    structure = np.ones((3, 3), dtype=bool)
+    if footprint_grow > 0:
+        # grown by the radius in the L1 metric (a diamond), by iterated 4-connected dilation
+        grown = ndi.binary_dilation(above, structure=ndi.generate_binary_structure(2, 1),
+                                    iterations=int(footprint_grow))
+    else:
+        grown = above
+    labels, nlab = ndi.label(grown, structure=structure)
+    if py.size and footprint_npix_min > 1:
+        # drop peaks whose footprint has fewer than footprint_npix_min pixels above threshold
+        plab = labels[py, px]
+        ulab = np.unique(plab[plab > 0])
+        if ulab.size:
+            n_above = np.bincount(labels[above], minlength=nlab + 1)
+            small = np.zeros(nlab + 1, dtype=bool)
+            small[ulab[n_above[ulab] < footprint_npix_min]] = True
+            okp = ~small[plab]
+            py, px = py[okp], px[okp]
+    pfp = labels[py, px] if py.size else np.zeros(0, dtype=np.int32)
+    inside = pfp > 0
+    py, px, pfp = py[inside], px[inside], pfp[inside]
+    pv = sig[py, px]
+    # deblending: cull peaks without a deep enough saddle to a brighter one
+    keep = np.ones(py.size, dtype=bool)
+    if py.size:
+        counts = np.bincount(pfp, minlength=nlab + 1)
+        multi = np.flatnonzero(counts > 1)
+        if multi.size:
+            slices = ndi.find_objects(labels)
+            order = np.argsort(pfp, kind="stable")
+            bounds = np.searchsorted(pfp[order], np.arange(nlab + 2))
+            for fid in multi:
+                members = order[bounds[fid]:bounds[fid + 1]]
+                sl = slices[fid - 1]
+                sub_lab = labels[sl] == fid
+                sub_sig = sig[sl]
+                k = _cull_footprint(sub_sig, sub_lab, py[members] - sl[0].start,
+                                    px[members] - sl[1].start, pv[members],
+                                    nsigma=cull_nsigma, padding=cull_padding,
+                                    cull_min=cull_min)
+                keep[members] = k
+    py, px, pfp, pv = py[keep], px[keep], pfp[keep], pv[keep]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amp = np.where(den[py, px] > 0, num[py, px] / den[py, px], 0.0)
+    npix = np.bincount(labels[grown], minlength=nlab + 1)
+    return sig, py, px, pfp, pv, amp, npix, (labels.astype(np.int32) if return_footprints
+                                             else None)
+
+
+def _peaks_footprints_nb(image, variance, mask, *, fwhm, threshold, footprint_threshold,
+                         footprint_grow, footprint_npix_min, cull_nsigma, cull_padding,
+                         cull_min, min_coverage, mask_bits, return_footprints):
+    """Peaks, footprints and deblending with the compiled kernels (same returns as
+    :func:`_peaks_footprints_scipy`)."""
+    ny, nx = image.shape
+    img, var, m, use_mask, bits = _kernel_inputs(image, variance, mask, mask_bits)
+    g, g2 = _filter_kernels(fwhm, 4.0)
+    sig = np.empty(img.shape, np.float32)
+    _matched_filter_nb(img, var, m, use_mask, bits, g, g2, np.float32(min_coverage), sig,
+                       np.empty((1, 1), np.float32), False)
+    py, px, run_row, run_s, run_e = _scan_nb(sig, np.float32(threshold),
+                                             np.float32(footprint_threshold))
+    (g_row, g_s, g_e, g_lab, gptr, nlab, npix, nabove, bbox, lptr,
+     lruns) = _footprints_nb(run_row, run_s, run_e, ny, nx, int(max(footprint_grow, 0)))
+    plab = _label_at_nb(gptr, g_s, g_e, g_lab, py, px)
+    okp = plab > 0
+    if footprint_npix_min > 1:
+        # drop peaks whose footprint has fewer than footprint_npix_min pixels above threshold
+        okp &= nabove[plab] >= footprint_npix_min
+    py, px, pfp = py[okp], px[okp], plab[okp]
+    pv = sig[py, px]
+    keep = np.ones(py.size, dtype=bool)
+    if py.size:
+        counts = np.bincount(pfp, minlength=nlab + 1)
+        multi = np.flatnonzero(counts > 1)
+        if multi.size:
+            order = np.argsort(pfp, kind="stable")
+            bounds = np.searchsorted(pfp[order], np.arange(nlab + 2))
+            keep = _cull_nb(sig, g_row, g_s, g_e, lptr, lruns, bbox, multi.astype(np.int64),
+                            bounds[multi].astype(np.int64), bounds[multi + 1].astype(np.int64),
+                            order.astype(np.int64), py, px, pv, float(cull_nsigma),
+                            float(cull_padding), float(cull_min))
+    py, px, pfp, pv = py[keep], px[keep], pfp[keep], pv[keep]
+    amp = _amplitude_at_nb(img, var, m, use_mask, bits, g, g2, py.astype(np.int64),
+                           px.astype(np.int64))
+    labels = None
+    if return_footprints:
+        labels = np.zeros((ny, nx), np.int32)
+        _paint_nb(g_row, g_s, g_e, g_lab, labels)
+    return sig, py.astype(np.int64), px.astype(np.int64), pfp, pv, amp, npix, labels
+
+
 def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | None = None, *,
                    fwhm: float = 4.5, threshold: float = 5.0,
                    footprint_threshold: float = 3.0, footprint_grow: int = 3,
@@ -312,60 +1023,17 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | N
     ny, nx = image.shape
     if not fwhm > 0:
         raise ValueError(f"detect_sources: fwhm must be positive, got {fwhm}")
-    num, den = _matched_filter(image, variance, mask, fwhm, mask_bits, 4.0, min_coverage)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sig = np.sqrt(den)
-        np.divide(num, sig, out=sig, where=den > 0)
-        sig[~(den > 0)] = 0.0
-    py, px = _local_maxima(sig, threshold)
-    # footprints: connected pixels above footprint_threshold, grown, labelled
-    above = sig > footprint_threshold
-    structure = np.ones((3, 3), dtype=bool)
-    if footprint_grow > 0:
-        # grown by the radius in the L1 metric (a diamond), by iterated 4-connected dilation
-        grown = ndi.binary_dilation(above, structure=ndi.generate_binary_structure(2, 1),
-                                    iterations=int(footprint_grow))
-    else:
-        grown = above
-    labels, nlab = ndi.label(grown, structure=structure)
-    if py.size and footprint_npix_min > 1:
-        # drop peaks whose footprint has fewer than footprint_npix_min pixels above threshold
-        plab = labels[py, px]
-        ulab = np.unique(plab[plab > 0])
-        if ulab.size:
-            n_above = np.bincount(labels[above], minlength=nlab + 1)
-            small = np.zeros(nlab + 1, dtype=bool)
-            small[ulab[n_above[ulab] < footprint_npix_min]] = True
-            okp = ~small[plab]
-            py, px = py[okp], px[okp]
-    pfp = labels[py, px] if py.size else np.zeros(0, dtype=np.int32)
-    inside = pfp > 0
-    py, px, pfp = py[inside], px[inside], pfp[inside]
-    pv = sig[py, px]
-    # deblending: cull peaks without a deep enough saddle to a brighter one
-    keep = np.ones(py.size, dtype=bool)
-    if py.size:
-        counts = np.bincount(pfp, minlength=nlab + 1)
-        multi = np.flatnonzero(counts > 1)
-        if multi.size:
-            slices = ndi.find_objects(labels)
-            order = np.argsort(pfp, kind="stable")
-            bounds = np.searchsorted(pfp[order], np.arange(nlab + 2))
-            for fid in multi:
-                members = order[bounds[fid]:bounds[fid + 1]]
-                sl = slices[fid - 1]
-                sub_lab = labels[sl] == fid
-                sub_sig = sig[sl]
-                k = _cull_footprint(sub_sig, sub_lab, py[members] - sl[0].start,
-                                    px[members] - sl[1].start, pv[members],
-                                    nsigma=cull_nsigma, padding=cull_padding,
-                                    cull_min=cull_min)
-                keep[members] = k
-    py, px, pfp, pv = py[keep], px[keep], pfp[keep], pv[keep]
+    kw = dict(fwhm=fwhm, threshold=threshold, footprint_threshold=footprint_threshold,
+              footprint_grow=footprint_grow, footprint_npix_min=footprint_npix_min,
+              cull_nsigma=cull_nsigma, cull_padding=cull_padding, cull_min=cull_min,
+              min_coverage=min_coverage, mask_bits=mask_bits,
+              return_footprints=return_footprints)
+    backend = _peaks_footprints_nb if _HAVE_NUMBA else _peaks_footprints_scipy
+    sig, py, px, pfp, pv, amp, npix, labels = backend(image, variance, mask, **kw)
     order = np.argsort(-pv, kind="stable")
     if max_peaks > 0:
         order = order[:max_peaks]
-    py, px, pfp, pv = py[order], px[order], pfp[order], pv[order]
+    py, px, pfp, pv, amp = py[order], px[order], pfp[order], pv[order], amp[order]
     n = py.size
     out = np.zeros(n, dtype=DETECTION_DTYPE)
     out["id"] = np.arange(n)
@@ -376,12 +1044,11 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | N
     out["y"] = ys
     out["significance"] = pv
     out["flux_peak"] = image[py, px]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["amp_peak"] = np.where(den[py, px] > 0, num[py, px] / den[py, px], 0.0)
+    out["amp_peak"] = amp
     out["footprint_id"] = pfp
     if n:
-        out["footprint_npix"] = np.bincount(labels[grown], minlength=nlab + 1)[pfp]
-        npk = np.bincount(pfp, minlength=nlab + 1)
+        out["footprint_npix"] = npix[pfp]
+        npk = np.bincount(pfp, minlength=npix.size)
         out["n_peaks"] = npk[pfp]
         out["blend"] = npk[pfp] > 1
         _, first_idx = np.unique(pfp, return_index=True)   # sorted by significance already
@@ -400,7 +1067,7 @@ def detect_sources(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | N
                 sat |= (mask[yy, xx] & saturation_bits) != 0
         out["saturated"] = sat
     if return_footprints:
-        return out, labels.astype(np.int32)
+        return out, labels
     return out
 
 

@@ -42,7 +42,7 @@ from .schema import (EVENT_DTYPE, HOST_DTYPE, MESSAGE_DTYPE, SCHEMA_VERSION, TAB
 
 __all__ = ["Ledger", "LedgerError", "LedgerBusy", "LedgerVersionError", "State", "Fault"]
 
-CHUNK_ROWS = 1 << 16
+CHUNK_ROWS = 1 << 12  # small chunks: cheap read-modify-write of a few rows; queries stay fast
 EVENT_CHUNK = 1 << 14
 
 
