@@ -1,0 +1,124 @@
+"""The campaign end to end: a small simulated survey through every stage under mpiexec, killed
+with SIGKILL at random moments and restarted, must end with the same products as a run that
+was never interrupted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fitsio
+import numpy as np
+import pytest
+
+from ps1mpi.infra.ledger import Ledger
+from ps1mpi.infra.schema import State
+
+from .mpi_util import REPO
+
+PRESET = "tiny"
+
+
+def _campaign(demo_dir: Path, nranks: int = 2) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen(["mpiexec", "-n", str(nranks), sys.executable, "-m", "ps1mpi",
+                             "campaign", "--demo", str(demo_dir), "--preset", PRESET,
+                             "--no-report"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _data_digest(path: Path) -> str:
+    """Digest of a FITS file's data (not headers: they carry creation times)."""
+    h = hashlib.sha256()
+    with fitsio.FITS(str(path)) as fits:
+        for hdu in fits:
+            if hdu.has_data():
+                data = hdu.read()
+                h.update(np.ascontiguousarray(data).tobytes())
+    return h.hexdigest()
+
+
+def _products(demo_dir: Path) -> dict[str, str]:
+    out = {}
+    for sub in ("raw", "chip", "camera", "warp", "stack"):
+        base = demo_dir / sub
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".") and path.suffix in (".fits", ".cmf"):
+                out[str(path.relative_to(demo_dir))] = _data_digest(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> Path:
+    """The simulated survey, made once and copied into each campaign directory."""
+    base = tmp_path_factory.mktemp("sim")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-m", "ps1mpi", "sim", "--out", str(base / "sim"),
+                    "--preset", PRESET], check=True, env=env, capture_output=True, timeout=600)
+    return base / "sim"
+
+
+@pytest.fixture(scope="module")
+def reference(simulated, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    demo = tmp_path_factory.mktemp("uninterrupted")
+    shutil.copytree(simulated, demo / "sim")
+    out = _finish(_campaign(demo))
+    assert "=== campaign summary ===" in out
+    return demo, _products(demo)
+
+
+def test_uninterrupted_campaign_completes(reference):
+    demo, products = reference
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["faults"] == []
+    for table, counts in summary["stages"].items():
+        assert counts["faulted"] == 0, table
+        assert counts["done"] + counts["drop"] == counts["total"], (table, counts)
+    assert any(p.startswith("raw/") for p in products)
+    # a second run finds nothing to do
+    out = _finish(_campaign(demo))
+    assert "0 done" not in out or "faulted of 0 units" in out
+    with Ledger.open(demo / "ledger.h5") as led:
+        ev = led.events(table="summitImfile")
+        assert np.count_nonzero(ev["state"] == State.DONE) == led.nrows("summitImfile")
+
+
+@pytest.mark.parametrize("kill_after", [0.35, 0.7])
+def test_killed_campaign_restarts_to_identical_products(simulated, reference, tmp_path, kill_after):
+    _, expected = reference
+    demo = tmp_path / "campaign"
+    shutil.copytree(simulated, demo / "sim")
+    # time one run to place the kill at a fraction of it, then kill the whole job hard
+    t0 = time.time()
+    proc = _campaign(demo)
+    rng = np.random.default_rng(int(kill_after * 100))
+    # the reference run's length is not known here: kill at a random moment early or late
+    deadline = t0 + 8.0 + rng.uniform(0, 30.0) * kill_after
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # restart: the same command finishes the campaign doing only what is missing
+    _finish(_campaign(demo))
+    with Ledger.open(demo / "ledger.h5") as led:
+        for table in ("summitImfile", "rawImfile"):
+            counts = led.counts(table)
+            assert counts["done"] == counts["total"] and counts["run"] == 0
+    assert _products(demo) == expected
