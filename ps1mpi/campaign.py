@@ -101,6 +101,8 @@ PIPELINE: tuple[StageSpec, ...] = (
     StageSpec("summitcopy", "ps1mpi.stages.summitcopy", _summitcopy, ("summitExp", "summitImfile")),
     StageSpec("register", "ps1mpi.stages.register", _plain("ps1mpi.stages.register", "RegisterStage"),
               ("rawExp", "rawImfile")),
+    StageSpec("chip", "ps1mpi.stages.chip", _plain("ps1mpi.stages.chip", "ChipStage"),
+              ("chipRun", "chipProcessedImfile")),
     StageSpec("camera", "ps1mpi.stages.camera", _camera, ("camRun", "camProcessedExp")),
     StageSpec("warp", "ps1mpi.stages.warp", _plain("ps1mpi.stages.warp", "WarpStage"),
               ("warpRun", "warpSkyfile")),
@@ -216,8 +218,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     for kind, title in (("faults", "faults"), ("quality", "bad-quality items")):
         if summary[kind]:
             lines += ["", f"{title}:"]
-            for item in summary[kind][:20]:
-                lines.append(f"  {item['table']:<20} x{item['count']:<4} {item['reason']}")
+            shown: dict[str, int] = {}
+            for item in summary[kind]:
+                n = shown.get(item["table"], 0)
+                shown[item["table"]] = n + 1
+                if n < 5:
+                    lines.append(f"  {item['table']:<20} x{item['count']:<4} {item['reason']}")
+            for table, n in shown.items():
+                if n > 5:
+                    lines.append(f"  {table:<20} ... and {n - 5} more reasons "
+                                 f"(`ps1mpi ledger faults` / summary.json list them all)")
     if summary["science"]:
         lines += ["", "science:"]
         for key, val in summary["science"].items():

@@ -63,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
     world = World.from_mpi()
     try:
         data, recipe_files = _definition(args)
+        if args.demo:  # where the simulated survey keeps its masters and reference catalog
+            recipe_files.insert(0, Path(__file__).resolve().parents[1] / "data" / "demo_campaign.toml")
         recipe = load_recipe(recipe_files, args.set, data=None)
     except (RecipeError, OSError, tomllib.TOMLDecodeError) as err:
         if world.rank == 0:
