@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover
     _HAVE_NUMBA = False
 
 if _HAVE_NUMBA:
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _bin_nb(image, mask, use_mask, bad, factor, by, bx):  # pragma: no cover - compiled
         """Block sums and counts: valid pixels are accumulated per column over the rows of a
         block row (a vectorisable pass), then the columns are summed per block."""

@@ -102,7 +102,7 @@ def _sharpness_numpy(img: np.ndarray, var: np.ndarray, valid: np.ndarray) -> np.
 
 
 if _HAVE_NUMBA:
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _nv4_nb(vc, v0, o0, v1, o1, v2, o2, v3, o3):  # pragma: no cover - compiled
         """Median of the usable neighbours' variances (``vc`` when none is usable)."""
         n = 0
@@ -137,7 +137,7 @@ if _HAVE_NUMBA:
             return vc
         return ssum / np.float32(n)
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _valid_row_nb(img, var, mask, use_mask, bad, y, out):  # pragma: no cover - compiled
         nx = img.shape[1]
         r = img[y]
@@ -235,7 +235,7 @@ if _HAVE_NUMBA:
                         ncand += 1
         return cand[:ncand]
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _ok_nb(img, var, mask, use_mask, bad, state, y, x):  # pragma: no cover - compiled
         if not (np.isfinite(img[y, x]) and np.isfinite(var[y, x])):
             return False
@@ -244,7 +244,7 @@ if _HAVE_NUMBA:
         # a state array of another shape means "no earlier cosmic rays" (full-pass edges)
         return state.shape[0] != img.shape[0] or state[y, x] != 1
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _s_at_nb(img, var, mask, use_mask, bad, state, y, x):  # pragma: no cover - compiled
         """S at one pixel, with pixels of state 1 (earlier cosmic rays) excluded; the same
         definition as the full pass."""
@@ -269,7 +269,7 @@ if _HAVE_NUMBA:
         lap = max(dl + du, zero) + max(dl + dd, zero) + max(dr + du, zero) + max(dr + dd, zero)
         return lap / (np.float32(8.0) * np.sqrt(m))
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _median_nb(buf, n):  # pragma: no cover - compiled
         """Median of buf[:n] (sorted in place by insertion: n <= 49, no allocation)."""
         for i in range(1, n):
@@ -289,7 +289,7 @@ if _HAVE_NUMBA:
     _H = 4
     _W = 2 * _H + 1
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _load_nb(img, var, mask, use_mask, bad, state, y, x, st, sv, sok, sin, h
                  ):  # pragma: no cover - compiled
         """Copy the (2h+1)^2 neighbourhood of (y, x) into the stamp buffers: values, variances,
@@ -315,7 +315,7 @@ if _HAVE_NUMBA:
                     sok[a, b] = False
                     sin[a, b] = False
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _s_stamp_nb(st, sv, sok, a, b):  # pragma: no cover - compiled
         """S at stamp position (a, b), 1 <= a, b <= size - 2 (same definition as the full
         pass)."""
@@ -338,7 +338,7 @@ if _HAVE_NUMBA:
         lap = max(dl + du, zero) + max(dl + dd, zero) + max(dr + du, zero) + max(dr + dd, zero)
         return lap / (np.float32(8.0) * np.sqrt(m))
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _sprime_stamp_nb(st, sv, sok, sin, b25):  # pragma: no cover - compiled
         """(S, S') at the stamp centre; S' = S - median of S over the 5x5 inside the image."""
         n = 0
@@ -350,7 +350,7 @@ if _HAVE_NUMBA:
         s_c = _s_stamp_nb(st, sv, sok, _H, _H)
         return s_c, s_c - _median_nb(b25, n)
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _fine_stamp_nb(st, sv, sok, b9, b49):  # pragma: no cover - compiled
         """max(F / N, 0.01) at the stamp centre, F = med3(I) - med7(med3(I)) over usable
         pixels, N the noise of the full pass (median variance of the usable 4-neighbours)."""
@@ -377,7 +377,7 @@ if _HAVE_NUMBA:
         noise = np.sqrt(max(m, np.float32(0.0)))
         return max(f / max(noise, np.float32(1e-30)), np.float32(0.01))
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _iterate_nb(img, var, mask, use_mask, bad, state, cand, sigclip, sigfrac, objlim
                     ):  # pragma: no cover - compiled
         """One L.A.Cosmic iteration on the candidate pixels (flat indices); returns the new
@@ -438,7 +438,7 @@ if _HAVE_NUMBA:
             state[sel[k] // nx, sel[k] % nx] = 1
         return sel
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _near_candidates_nb(img, var, mask, use_mask, bad, state, new, radius, sigclip
                             ):  # pragma: no cover - compiled
         """Pixels within ``radius`` of the new cosmic rays (whose S, S' or F may have

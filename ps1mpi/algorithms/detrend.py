@@ -17,8 +17,9 @@ then per chip: bleed trails of saturated stars (BLEED), fringe amplitude fit and
 subtraction, and cosmic rays (CR, :mod:`ps1mpi.algorithms.cosmics`).
 
 Every step exists as a pure function on numpy arrays, testable alone.  :func:`detrend_cells`
-runs the chain with a fused per-cell kernel (numba when available, otherwise the numpy
-functions) that writes straight into the stitched chip arrays.
+runs the chain in one fused pass that writes straight into the stitched chip arrays: a numba
+kernel walking the chip row by row across the cells (when numba is installed), otherwise the
+numpy functions cell by cell.
 
 Units: raw data, overscan, bias and saturation in ADU; dark in ADU per second; gain in
 electrons per ADU; read noise in ADU (the ``RDNOISE`` header convention); outputs in
@@ -610,7 +611,7 @@ def fit_fringe(image: np.ndarray, template: np.ndarray, *, mask: np.ndarray | No
     rng = np.random.default_rng(seed)
     ys = rng.integers(half_box, ny - half_box, npoints)
     xs = rng.integers(half_box, nx - half_box, npoints)
-    step = max(1, int(min(ny / sky_grid[0], nx / sky_grid[1]) // 150))
+    step = max(1, int(min(ny / sky_grid[0], nx / sky_grid[1]) // 64))  # ~64x64 px per block
     sky_i, sky_t = _block_sky(image, template, mask, bad_bits, sky_grid, step)
     by = np.minimum((ys * sky_grid[0]) // ny, sky_grid[0] - 1)
     bx = np.minimum((xs * sky_grid[1]) // nx, sky_grid[1] - 1)
@@ -743,11 +744,12 @@ _LOW = np.uint16(maskbits.LOW)
 _SUSPECT = np.uint16(maskbits.SUSPECT)
 _ZERO16 = np.uint16(0)
 _DETECTOR = np.uint16(maskbits.DETECTOR)
+_GAP = np.uint16(maskbits.GAP)
 # fast-math flags that keep NaN/Inf semantics (a NaN flat must still fail ``f > flat_min``)
 _FM = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 if _HAVE_NUMBA:
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _overscan_nb(raw, by0, by1, bx0, bx1, use_median, boxcar, dy0, dy1
                      ):  # pragma: no cover - compiled
         """Overscan level of data rows dy0..dy1 (float32): per-row median (or mean) of the
@@ -794,33 +796,39 @@ if _HAVE_NUMBA:
             out[jj] = acc / (hi_ - lo_)
         return out
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FM)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FM, error_model="numpy")
     def _segment_nb(r_, o, b_, d_, f_, s_, im_, v_, m_, nl_on, nl_fac, a0, ainv, amax, umax,
-                    g, dt, fmin, rv, sat):  # pragma: no cover - compiled
+                    g, dt, fmin, rv, sat, abuf):  # pragma: no cover - compiled
         """The fused per-pixel chain on one row segment of a cell (C-contiguous 1-D views);
-        returns (saturated, LOW, SUSPECT) counts."""
+        returns (saturated, LOW, SUSPECT) counts.  The nonlinearity lookup (a gather, which
+        does not vectorise) runs as a separate loop into ``abuf`` so that the main loop
+        stays vectorised."""
         zero = np.float32(0.0)
         one = np.float32(1.0)
         dkg = dt * g
+        n = r_.shape[0]
         nsat = 0
         nlow = 0
         nsus = 0
-        for i in range(r_.shape[0]):
+        if nl_on:
+            for i in range(n):
+                a = np.float32(r_[i]) - o
+                u = min(max((a - a0) * ainv, zero), umax)
+                k = np.int32(u)
+                w = u - np.float32(k)
+                f0 = nl_fac[k]
+                abuf[i] = a * (f0 + (nl_fac[k + 1] - f0) * w)
+        for i in range(n):
             r = np.float32(r_[i])
             a = r - o
             m = s_[i]
             issat = r >= sat
             nsat += issat
             m |= _SAT if issat else _ZERO16
-            if nl_on:
-                sus = a > amax
-                nsus += sus
-                m |= _SUSPECT if sus else _ZERO16
-                u = min(max((a - a0) * ainv, zero), umax)
-                k = np.int32(u)
-                w = u - np.float32(k)
-                f0 = nl_fac[k]
-                a = a * (f0 + (nl_fac[k + 1] - f0) * w)
+            sus = nl_on and a > amax
+            nsus += sus
+            m |= _SUSPECT if sus else _ZERO16
+            a = abuf[i] if nl_on else a
             dk = d_[i] * dt
             sg = (a - b_[i] - dk) * g
             f = f_[i]
@@ -838,7 +846,7 @@ if _HAVE_NUMBA:
             m_[i] = m
         return nsat, nlow, nsus
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
     def _chip_kernel_nb(raws, ovecs, pint, pflt, nl_facs, bias, b_rs, dark, d_rs, flat, f_rs,
                         static, s_rs, dark_t, flat_min, img, var, mask):  # pragma: no cover
         """Every cell, in chip-row order (the masters and outputs are then read and written
@@ -853,15 +861,21 @@ if _HAVE_NUMBA:
         a constant row).  Returns (ncell, 3) counts: saturated, LOW, SUSPECT."""
         ncell = pint.shape[0]
         counts = np.zeros((ncell, 3), np.int64)
-        ny_chip = img.shape[0]
+        ny_chip, nx_chip = img.shape
         dt = np.float32(dark_t)
         fmin = np.float32(flat_min)
+        abuf = np.empty(max(pint[:, 7].max(), 1), np.float32)
         for y in range(ny_chip):
+            xprev = 0
             for k in range(ncell):
                 cy0 = pint[k, 4]
                 nyk = pint[k, 6]
                 if y < cy0 or y >= cy0 + nyk:
                     continue
+                cx0 = pint[k, 5]
+                if cx0 > xprev:                    # a gap between cells on this row
+                    _fill_gap_nb(img[y], var[y], mask[y], xprev, cx0)
+                xprev = max(xprev, cx0 + pint[k, 7])
                 jj = y - cy0
                 rx0 = pint[k, 0]
                 cx0 = pint[k, 5]
@@ -881,13 +895,22 @@ if _HAVE_NUMBA:
                     var[y, cx0:cx0 + nx], mask[y, cx0:cx0 + nx], nl_on, fac,
                     np.float32(pflt[k, 3]), np.float32(pflt[k, 4]), np.float32(pflt[k, 5]),
                     umax, np.float32(pflt[k, 0]), dt, fmin, np.float32(pflt[k, 1]),
-                    np.float32(pflt[k, 2]))
+                    np.float32(pflt[k, 2]), abuf)
                 counts[k, 0] += ns
                 counts[k, 1] += nl_
                 counts[k, 2] += nsu
+            if xprev < nx_chip:
+                _fill_gap_nb(img[y], var[y], mask[y], xprev, nx_chip)
         return counts
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FM)
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    def _fill_gap_nb(im_, v_, m_, x0, x1):  # pragma: no cover - compiled
+        for i in range(x0, x1):
+            im_[i] = 0.0
+            v_[i] = 0.0
+            m_[i] = _GAP
+
+    @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=_FM, error_model="numpy")
     def _subtract_scaled_nb(image, template, amp, mask, skip):  # pragma: no cover
         ny, nx = image.shape
         a = np.float32(amp)
@@ -955,9 +978,10 @@ class DetrendResult:
     mask : ndarray, uint16, (ny, nx)
         Mask bits from :mod:`ps1mpi.algorithms.maskbits`.
     stats : dict
-        ``timings`` (seconds per step), ``engine``, ``overscan`` (median level per cell,
-        ADU), ``n_sat``, ``n_bleed``, ``n_low``, ``n_suspect``, ``n_cr``, ``n_gap``,
-        ``fringe`` (:class:`FringeFit` or None), ``mpix`` (chip pixels / 1e6).
+        ``timings`` (wall-clock seconds per step: gaps, overscan, pixels, bleed, fringe,
+        cosmics, total), ``engine``, ``overscan`` (mean overscan level subtracted per cell,
+        ADU), ``n_sat``, ``n_bleed``, ``n_low``, ``n_suspect``, ``n_cr``, ``n_gap`` (pixel
+        counts), ``fringe`` (:class:`FringeFit` or None), ``mpix`` (chip pixels / 1e6).
     """
 
     image: np.ndarray
@@ -1214,8 +1238,12 @@ def detrend_cells(cells: Mapping[str, np.ndarray], *, datasec: Section | Mapping
             if arr.shape != chip_shape or arr.dtype != dt or not arr.flags.c_contiguous:
                 raise ValueError(f"{nm}: need a C-contiguous {np.dtype(dt)} array of shape "
                                  f"{chip_shape}, got {arr.dtype} {arr.shape}")
-    rects = [(p[1][0], p[1][1], p[6][1], p[6][0]) for p in plan]
-    _fill_outside(((img, 0.0), (var, 0.0), (msk, maskbits.GAP)), rects, chip_shape)
+    if not (use_nb and any(p[3] is not None for p in plan)):
+        # (the numba kernel writes the gaps while it streams the chip rows)
+        rects = [(p[1][0], p[1][1], p[6][1], p[6][0]) for p in plan]
+        _fill_outside(((img, 0.0), (var, 0.0), (msk, maskbits.GAP)), rects, chip_shape)
+    # cells in chip-row order, left to right (the order the numba kernel needs)
+    plan.sort(key=lambda p: (p[1][1], p[1][0]))
     timings["gaps"] += time.perf_counter() - t0
 
     # chip-shaped masters: one conversion per call at most (none when already float32/C)
@@ -1246,12 +1274,7 @@ def detrend_cells(cells: Mapping[str, np.ndarray], *, datasec: Section | Mapping
     for cell, origin, par, raw, ds, bs, shape in plan:
         n_covered += shape[0] * shape[1]
         if raw is None:
-            t0 = time.perf_counter()
-            _cell_view(img, origin, shape, par)[...] = 0.0
-            _cell_view(var, origin, shape, par)[...] = 0.0
-            _cell_view(msk, origin, shape, par)[...] = maskbits.DEAD_CELL
-            timings["gaps"] += time.perf_counter() - t0
-            continue
+            continue                      # a missing (dead) cell: written after the kernel
         g = float(_per_cell(gain, cell, "gain"))
         rn = float(_per_cell(read_noise, cell, "read_noise"))
         sat_level = float(_per_cell(saturation, cell, "saturation"))
@@ -1278,7 +1301,7 @@ def detrend_cells(cells: Mapping[str, np.ndarray], *, datasec: Section | Mapping
                                 int(overscan_boxcar), ds[0], ds[1])
         else:
             ovec = _data_overscan(raw, ds, bs, overscan_statistic, overscan_boxcar)
-        levels[cell] = float(np.median(ovec))
+        levels[cell] = float(ovec.mean())
         timings["overscan"] += time.perf_counter() - t0
         per_cell.append((cell, origin, par, raw, ds, bs, shape, ovec, sat_level))
 
@@ -1340,6 +1363,14 @@ def detrend_cells(cells: Mapping[str, np.ndarray], *, datasec: Section | Mapping
     else:
         sat_cells = None
 
+    t0 = time.perf_counter()
+    for cell, origin, par, raw, ds, bs, shape in plan:
+        if raw is None:
+            _cell_view(img, origin, shape, par)[...] = 0.0
+            _cell_view(var, origin, shape, par)[...] = 0.0
+            _cell_view(msk, origin, shape, par)[...] = maskbits.DEAD_CELL
+    timings["gaps"] += time.perf_counter() - t0
+
     for cell, origin, par, raw, ds, bs, shape, ovec, sat_level in per_cell:
         om = _cell_view(msk, origin, shape, par)
         if cell in dead_cells:
@@ -1369,11 +1400,7 @@ def detrend_cells(cells: Mapping[str, np.ndarray], *, datasec: Section | Mapping
     if fringe is not None:
         t0 = time.perf_counter()
         if isinstance(fringe, Mapping):
-            shapes = {}
-            for c in fringe:
-                dsc = _per_cell(datasec, c, "datasec")
-                shapes[c] = (int(dsc[1]) - int(dsc[0]), int(dsc[3]) - int(dsc[2]))
-            ftmp, covered = stitch_cells({c: np.asarray(fringe[c], np.float32) for c in fringe},
+            ftmp, _ = stitch_cells({c: np.asarray(fringe[c], np.float32) for c in fringe},
                                          cell_origins=cell_origins, chip_shape=chip_shape,
                                          cell_parity=cell_parity, fill=np.nan)
         else:
