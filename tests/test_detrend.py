@@ -420,3 +420,14 @@ def test_non_finite_raw_pixels_are_masked_not_propagated(engine):
     assert np.isfinite(res.image).all() and np.isfinite(res.variance).all()
     assert res.mask[5, 6] & maskbits.DETECTOR and res.mask[7, 8] & maskbits.DETECTOR
     assert np.count_nonzero(res.mask & maskbits.DETECTOR) == 2
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_all_cells_dead_still_gives_a_valid_chip(engine):
+    out = (np.full(CHIP, 9, np.float32), np.full(CHIP, 9, np.float32), np.full(CHIP, 9, np.uint16))
+    res = detrend_cells({}, datasec=DATASEC, biassec=BIASSEC, cell_origins=ORIGINS,
+                        chip_shape=CHIP, gain=1.0, read_noise=5.0, saturation=6e4,
+                        find_cosmics=False, engine=engine, out=out)
+    assert np.all(res.image == 0) and np.all(res.variance == 0)
+    assert np.all((res.mask == maskbits.GAP) | (res.mask == maskbits.DEAD_CELL))
+    assert np.count_nonzero(res.mask == maskbits.DEAD_CELL) == 4 * NY * NX
