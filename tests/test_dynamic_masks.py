@@ -7,8 +7,7 @@ import pytest
 
 from ps1mpi.algorithms import maskbits
 from ps1mpi.algorithms.dynamic_masks import (BrightStars, CrosstalkModel, DynamicMaskRules,
-                                             GhostModel,
-                                             crosstalk_targets, default_rules,
+                                             GhostModel, crosstalk_targets, default_rules,
                                              dynamic_mask_for_chip, ghost_geometry,
                                              spike_geometry, starcore_radius)
 from ps1mpi.algorithms.jpeg import focal_plane_mosaic, mosaic_binned_chips, stretch_to_uint8
@@ -130,7 +129,7 @@ def test_default_ghost_model_is_near_the_reflection(cam):
 def test_glint_streak_from_a_star_beyond_the_top_edge(cam):
     rules = only(default_rules(cam), "glint")
     xmin, xmax, ymin, ymax = cam.focal_plane_extent()
-    Xs, Ys = 430.0, ymax + 300.0                     # inside the glint band above the top
+    Xs, Ys = 430.0, ymax + 120.0                     # inside the testcam's 0-200 px glint band
     mag = -23.5
     stars = BrightStars([Xs], [Ys], [mag])
     L = 1901.0 * (-16.8 - mag)
@@ -143,82 +142,167 @@ def test_glint_streak_from_a_star_beyond_the_top_edge(cam):
         inside = (np.abs(X - Xs) < 39.5) & (Ys - Y < L)
         assert inside.any() and glint[inside].all()
         assert not glint[np.abs(X - Xs) > 40.5].any()
-    # left-column chips are untouched; a star just outside the band (too close) gives nothing
+    # left-column chips are untouched; a star beyond the band (too far) gives nothing
     left = dynamic_mask_for_chip("XY01", (cam.chip_ny, cam.chip_nx), stars, camera=cam,
                                  rules=rules)
     assert not left.any()
-    near = BrightStars([Xs], [ymax + 50.0], [mag])
-    assert not dynamic_mask_for_chip("XY11", (cam.chip_ny, cam.chip_nx), near, camera=cam,
+    far = BrightStars([Xs], [ymax + 250.0], [mag])
+    assert not dynamic_mask_for_chip("XY11", (cam.chip_ny, cam.chip_nx), far, camera=cam,
                                      rules=rules).any()
-    # too faint in r (limit -23): nothing
-    faint = BrightStars([Xs], [Ys], [-22.5])
+    # the testcam's glints come from every side: a star left of the focal plane streaks right
+    side = BrightStars([xmin - 50.0], [300.0], [mag])
+    m = dynamic_mask_for_chip("XY00", (cam.chip_ny, cam.chip_nx), side, camera=cam,
+                              rules=rules) | dynamic_mask_for_chip(
+        "XY01", (cam.chip_ny, cam.chip_nx), side, camera=cam, rules=rules)
+    assert m.any()
+    # too faint in r (testcam limit -20.05): nothing
+    faint = BrightStars([Xs], [Ys], [-19.9])
     assert not dynamic_mask_for_chip("XY11", (cam.chip_ny, cam.chip_nx), faint, camera=cam,
                                      rules=rules).any()
+    # the GPC1 rule only knows the bands 3428-17428 px above and below its focal plane
+    g = default_rules("gpc1").glint
+    assert (g.region_min, g.region_max, g.sides) == (3428.0, 17428.0, ("top", "bottom"))
 
 
 def test_crosstalk_image_at_the_same_cell_coordinates(cam):
     rules = only(default_rules(cam), "crosstalk")
-    # testcam rule: chip column 0, cell column 0 -> cell column 1 of the same chip (6.8 mag)
+    # testcam: cell xyIJ leaks 5e-4 of its signal into xyI(J xor 1) on every chip
+    md = -2.5 * np.log10(5e-4)
     cell_x0, cell_y0 = cam.cell_origin("xy01")
     u, v = 123.0, 250.0
-    X, Y = cam.chip_to_focal("XY01", cell_x0 + u, cell_y0 + v)
-    stars = BrightStars(X, Y, [-16.0])
+    X, Y = cam.chip_to_focal("XY10", cell_x0 + u, cell_y0 + v)
+    mag = -14.5                                       # unsaturated: no bleed image
+    stars = BrightStars(X, Y, [mag])
+    limit = -5.0                                      # the chip's measured detection limit
     ct = crosstalk_targets(stars, camera=cam, model=rules.crosstalk)
-    assert list(ct["chip"]) == ["XY01"] and list(ct["cell"]) == ["xy11"]
-    tx, ty = cam.cell_origin("xy11")
+    assert list(ct["chip"]) == ["XY10"] and list(ct["cell"]) == ["xy00"]
+    tx, ty = cam.cell_origin("xy00")
     assert ct["x"][0] == pytest.approx(tx + u) and ct["y"][0] == pytest.approx(ty + v)
-    assert ct["flux_ratio"][0] == pytest.approx(10 ** (-0.4 * 6.8))
-    mask = dynamic_mask_for_chip("XY01", (cam.chip_ny, cam.chip_nx), stars, camera=cam,
-                                 rules=rules)
-    xx, yy = chip_grid(cam, "XY01")
-    R = 17.631 + 1.493 ** (-11.363 + 16.0)
-    ell = ((xx - tx - u) / (0.5 * R)) ** 2 + ((yy - ty - v) / R) ** 2
-    assert np.all(mask[ell < 0.98] == maskbits.CROSSTALK)
-    assert not mask[ell > 1.02].any()
-    # the image of a fainter star is below the detection limit (-7.2): not masked
-    faint = BrightStars(X, Y, [-13.0])
-    assert not dynamic_mask_for_chip("XY01", (cam.chip_ny, cam.chip_nx), faint, camera=cam,
-                                     rules=rules).any()
-    # unless the chip's own limit is deeper
-    deep = dynamic_mask_for_chip("XY01", (cam.chip_ny, cam.chip_nx), faint, camera=cam,
-                                 rules=rules, detection_limit_mag={"XY01": -5.0})
-    assert deep.any()
-    # inter-chip rule: chip column 1, cell column 1 -> chip column 0, same cell
-    cx0, cy0 = cam.cell_origin("xy10")
-    X, Y = cam.chip_to_focal("XY11", cx0 + 50.0, cy0 + 60.0)
-    ct = crosstalk_targets(BrightStars(X, Y, [-16.0]), camera=cam, model=rules.crosstalk)
-    assert list(ct["chip"]) == ["XY01"] and list(ct["cell"]) == ["xy10"]
-
-
-def test_row_pair_rules_and_the_simulator_geometry(cam):
-    """Rules in the simulator's form: cell rows coupled in pairs, circular ghosts at -p."""
-    from dataclasses import replace
-    rules = replace(only(default_rules(cam), "crosstalk"),
-                    crosstalk=replace(default_rules(cam).crosstalk,
-                                      rules=CrosstalkModel.row_pairs(cam.ncell_y, coeff=5e-4)))
-    x0, y0 = cam.cell_origin("xy10")
-    X, Y = cam.chip_to_focal("XY11", x0 + 30.0, y0 + 40.0)
-    ct = crosstalk_targets(BrightStars(X, Y, [-17.0]), camera=cam, model=rules.crosstalk)
-    assert list(zip(ct["chip"], ct["cell"])) == [("XY11", "xy11")]
-    tx, ty = cam.cell_origin("xy11")
-    assert (ct["x"][0], ct["y"][0]) == (tx + 30.0, ty + 40.0)
     assert ct["flux_ratio"][0] == pytest.approx(5e-4)
-    art = pytest.importorskip("ps1mpi.sim.artefacts")
-    sim_rules = art.crosstalk_rules(cam, coeff=5e-4)
-    assert len(sim_rules) == cam.ncell_x * cam.ncell_y
-    assert ("xy10", "xy11", 5e-4) in sim_rules
-    # the simulator's ghost expressed as a GhostModel lands on the same annulus
-    sg = art.GhostModel()
-    R = 1200.0
-    gm = GhostModel.annulus(centre_scale=sg.centre_scale, outer0=sg.a0 * R, outer1=sg.a1,
-                            inner_ratio=sg.inner_ratio)
-    Xs, Ys = np.array([300.0, -700.0]), np.array([500.0, 100.0])
-    gx, gy, r_in, r_out = sg.geometry(Xs, Ys, R)
-    g = ghost_geometry(Xs, Ys, gm)
-    np.testing.assert_allclose(g["X"], gx, atol=1e-9)
-    np.testing.assert_allclose(g["Y"], gy, atol=1e-9)
-    np.testing.assert_allclose(g["a_out"], r_out, rtol=1e-12)
-    np.testing.assert_allclose(g["b_in"], r_in, rtol=1e-12)
+    assert ct["image_mag"][0] == pytest.approx(mag + md)
+    mask = dynamic_mask_for_chip("XY10", (cam.chip_ny, cam.chip_nx), stars, camera=cam,
+                                 rules=rules, detection_limit_mag={"XY10": limit})
+    xx, yy = chip_grid(cam, "XY10")
+    R = 2.5 * (-13.0 - mag)                           # the testcam's linear radius law, aspect 1
+    d = np.hypot(xx - tx - u, yy - ty - v)
+    assert np.all(mask[d < R - 0.01] == maskbits.CROSSTALK)
+    assert not mask[d > R + 0.01].any()
+    # with the table's default limit (-7.2) the image (-6.25) is too faint to be masked
+    assert not dynamic_mask_for_chip("XY10", (cam.chip_ny, cam.chip_nx), stars, camera=cam,
+                                     rules=rules).any()
+    # and so is a fainter star's with the chip's limit
+    faint = BrightStars(X, Y, [limit - md + 0.1])
+    assert not dynamic_mask_for_chip("XY10", (cam.chip_ny, cam.chip_nx), faint, camera=cam,
+                                     rules=rules, detection_limit_mag=limit).any()
+    # GPC1's current IPP shape: an ellipse 0.5 R x R, R the saturated-star radius
+    g = default_rules("gpc1").crosstalk
+    assert (g.radius_law, g.aspect) == ("starcore", 0.5)
+
+
+def test_crosstalk_images_of_bleed_trails(cam):
+    """A saturated source's bleed trail images as a column box in the target cell: the
+    testcam's reaches 10^(0.4 (-14.5 - m)) px up and down, GPC1's (the IPP's) the whole cell."""
+    rules = only(default_rules(cam), "crosstalk")
+    x0, y0 = cam.cell_origin("xy11")
+    X, Y = cam.chip_to_focal("XY01", x0 + 200.0, y0 + 200.0)
+    mag = -17.2
+    mask = dynamic_mask_for_chip("XY01", (cam.chip_ny, cam.chip_nx), BrightStars(X, Y, [mag]),
+                                 camera=cam, rules=rules)
+    tx, ty = cam.cell_origin("xy10")
+    xx, yy = chip_grid(cam, "XY01")
+    w = 5.0 * (-15.0 - mag)
+    half = 10 ** (0.4 * (-14.5 - mag))
+    box = (np.abs(xx - tx - 200.0) <= 0.5 * w) & (np.abs(yy - ty - 200.0) <= half)
+    circle = np.hypot(xx - tx - 200.0, yy - ty - 200.0) <= 2.5 * (-13.0 - mag)
+    xt = (mask & maskbits.CROSSTALK) != 0
+    np.testing.assert_array_equal(xt, box | circle)
+    # GPC1: OTA2y cell 5 -> cell 6 (6.83 mag): the bleed box spans the target cell's height
+    gpc1 = load_camera("gpc1")
+    g = only(default_rules(gpc1), "crosstalk")
+    cx, cy = gpc1.cell_origin("xy53")
+    X, Y = gpc1.chip_to_focal("XY23", cx + 100.0, cy + 300.0)
+    m = dynamic_mask_for_chip("XY23", (gpc1.chip_ny, gpc1.chip_nx), BrightStars(X, Y, [-18.0]),
+                              camera=gpc1, rules=g)
+    tx, ty = gpc1.cell_origin("xy63")
+    col = (m[:, int(tx + 100)] & maskbits.CROSSTALK) != 0
+    assert np.flatnonzero(col).min() == ty and np.flatnonzero(col).max() == ty + gpc1.cell_ny - 1
+    # 5 (-15 - m) = 15 px wide, far from the image's ellipse
+    assert np.count_nonzero(m[ty + 5, :] & maskbits.CROSSTALK) == pytest.approx(15.0, abs=1.0)
+
+
+def test_the_simulator_uses_the_testcam_table(cam):
+    """One description: the simulator's crosstalk is the table's, and the table's magnitude
+    limits are where the simulated ghosts and glints become visible (0.5 sky sigma on the
+    darkest sky the simulator makes)."""
+    import math
+
+    from ps1mpi.sim.artefacts import ArtefactLight, crosstalk_rules
+    from ps1mpi.sim.instrument import EXPTIME, FILTER_ZP, SKY_MAG, Instrument
+
+    rules = default_rules(cam)
+    assert rules.crosstalk.rules == CrosstalkModel.row_pairs(cam.ncell_y, coeff=5e-4)
+    sim = crosstalk_rules(cam)
+    assert sorted(sim) == sorted([(f"xy{i}{j}", f"xy{i}{j ^ 1}", 5e-4)
+                                  for i in range(cam.ncell_x) for j in range(cam.ncell_y)])
+    assert Instrument(cam, seed=1).crosstalk == sim
+    with pytest.raises(ValueError, match="disagrees with the testcam rule table"):
+        crosstalk_rules(cam, coeff=1e-3)
+    # GPC1's couplings are all tied to chip columns: none is a cell-to-cell coefficient
+    assert crosstalk_rules(load_camera("gpc1")) == []
+    light = ArtefactLight()
+    g = ghost_geometry(np.array([0.0, 800.0]), np.array([0.0, -600.0]), rules.ghost)
+    area = np.pi * (g["a_out"] * g["b_out"] - g["a_in"] * g["b_in"])
+    np.testing.assert_allclose(area, np.pi * (45.0 ** 2 - 20.0 ** 2))     # a fixed doughnut
+    rn = cam.read_noise * cam.gain
+    for band in "grizyw":
+        sky = EXPTIME[band] * cam.pixel_scale ** 2 * 10 ** (-0.4 * (SKY_MAG[band] + 0.2
+                                                                     - FILTER_ZP[band]))
+        thr = 0.5 * math.sqrt(sky + rn ** 2)
+        ghost_lim = -2.5 * math.log10(thr * area[0] / light.ghost_flux_fraction[band])
+        glint_lim = -2.5 * math.log10(thr / light.glint_sb)
+        # the table's limits are these, rounded towards fainter stars by less than 0.05 mag
+        assert 0.0 <= rules.ghost.max_mag[band] - ghost_lim < 0.05, band
+        assert 0.0 <= rules.glint.max_mag[band] - glint_lim < 0.05, band
+
+
+def test_rule_tables_are_data_next_to_the_camera_files(tmp_path):
+    import shutil
+
+    from ps1mpi.algorithms.dynamic_masks import RULES_DIR, load_rules, rules_path
+    from ps1mpi.geometry.camera import CAMERA_DIR
+
+    gpc1 = load_camera("gpc1")
+    assert rules_path(gpc1) == CAMERA_DIR / "gpc1_masks.toml" == RULES_DIR / "gpc1_masks.toml"
+    r = default_rules(gpc1)
+    # the public IPP psastro values
+    assert (r.starcore.max_mag, r.starcore.rad_offset, r.starcore.rad_exp,
+            r.starcore.mag_ref) == (-15.0, 17.631, 1.493, -11.363)
+    assert (r.spike.mag_slope, r.spike.mag_zero, r.spike.offset, r.spike.width, r.spike.l0,
+            r.spike.width_slope) == (0.096, 7.35, 200.0, 8.0, 200.0, 0.01)
+    assert (r.glint.length_slope, r.glint.length_zero, r.glint.width) == (1901.0, -16.8, 80.0)
+    assert dict(r.ghost.max_mag) == {"g": -16.5, "r": -20.0, "i": -22.0, "z": -22.0,
+                                     "y": -21.5, "w": -20.4}
+    assert len(r.crosstalk.rules) == 10 and default_rules("GPC1") == r
+    # a camera file elsewhere finds the table next to it; without one the error names the files
+    for f in ("testcam.toml", "testcam_focal_plane.csv"):
+        shutil.copy(CAMERA_DIR / f, tmp_path / f.replace("testcam", "mycam"))
+    text = (tmp_path / "mycam.toml").read_text().replace('name = "testcam"', 'name = "mycam"')
+    (tmp_path / "mycam.toml").write_text(text.replace("testcam_focal_plane", "mycam_focal_plane"))
+    mycam = load_camera(tmp_path / "mycam.toml")
+    with pytest.raises(ValueError, match="mycam_masks.toml"):
+        default_rules(mycam)
+    table = (CAMERA_DIR / "testcam_masks.toml").read_text().replace("angle_deg = 0.0",
+                                                                   "angle_deg = 12.0")
+    (tmp_path / "mycam_masks.toml").write_text(table)
+    assert default_rules(mycam).spike.angle_deg == 12.0
+    # an incomplete or malformed table names the file and the key
+    (tmp_path / "bad_masks.toml").write_text(table.replace("rad_exp = 1.493\n", ""))
+    with pytest.raises(ValueError, match=r"bad_masks.toml.*missing keys \['rad_exp'\]"):
+        load_rules(tmp_path / "bad_masks.toml")
+    (tmp_path / "bad_masks.toml").write_text(table.replace('radius_law = "linear"',
+                                                           'radius_law = "cubic"'))
+    with pytest.raises(ValueError, match="bad_masks.toml.*radius_law 'cubic'"):
+        load_rules(tmp_path / "bad_masks.toml")
 
 
 def test_gpc1_crosstalk_rules_follow_the_ipp_table():

@@ -8,8 +8,10 @@ import pytest
 from ps1mpi.algorithms import maskbits, masters
 from ps1mpi.geometry.camera import load_camera
 from ps1mpi.sim import psf as P
-from ps1mpi.sim.artefacts import (CosmicRayModel, GhostModel, GlintModel, add_cosmic_rays, bleed_columns,
-                                  crosstalk_rules, glint_segments, render_ghost, render_glint)
+from ps1mpi.algorithms.dynamic_masks import (BrightStars, artifacts_for_chip, default_rules,
+                                             paint_artifacts)
+from ps1mpi.sim.artefacts import (ArtefactLight, CosmicRayModel, add_cosmic_rays, bleed_columns,
+                                  crosstalk_rules, placement_rules, render_artifact)
 from ps1mpi.sim.instrument import Instrument, expose_chip
 
 CAM = load_camera("testcam")
@@ -118,27 +120,55 @@ def test_cosmic_rays_deposit_their_charge():
     assert 3000 < np.median(tab["charge"]) < 20000
 
 
-def test_ghost_and_glint_models():
-    g = GhostModel()
-    X, Y, rin, rout = g.geometry(np.array([300.0]), np.array([-200.0]), 1000.0)
-    assert (X[0], Y[0]) == (-300.0, 200.0) and rout[0] == pytest.approx(1000 * (0.02 + 0.05 * np.hypot(300, 200) / 1000))
-    img = np.zeros((400, 400), np.float32)
-    sb = float(g.surface_brightness(1e7, "r", rin, rout)[0])
-    render_ghost(img, 200.0, 200.0, rin[0], rout[0], sb, g.edge * rout[0])
-    assert img.sum() == pytest.approx(1e7 * g.flux_fraction["r"], rel=0.03)
-    assert img[200, 200] == 0 and img[200, 200 + int(0.75 * rout[0])] == pytest.approx(sb, rel=1e-3)
-    gm = GlintModel()
-    # a star brighter than m_inst = -16.8 just left of the chip edge throws a streak into the chip
-    X, Y = CAM.chip_to_focal("XY10", np.array([-60.0, -600.0, 400.0]), np.array([300.0, 300.0, 300.0]))
-    segs = glint_segments(CAM, "XY10", X, Y, np.array([-18.0, -18.0, -18.0]), model=gm)
-    assert len(segs) == 1
-    k, xs, ys, ux, uy, length = segs[0]
-    assert k == 0 and xs == -0.5 and ys == pytest.approx(300.0) and (ux, uy) == (1.0, 0.0)
-    assert length == pytest.approx(1901 * 1.2)
-    img = np.zeros((806, 808), np.float32)
-    render_glint(img, xs, ys, ux, uy, length, 1e8, gm)
-    assert img.sum() == pytest.approx(gm.flux_fraction * 1e8 * (1 - (1 - 808 / length) ** 2), rel=0.02)
-    assert img[300, 10] > img[300, 700] > 0 and img[100, 10] < 1e-3 * img[300, 10]
+def test_artefacts_are_placed_by_the_rule_table_and_drawn_inside_their_footprints():
+    """The simulator's ghosts, glints and spikes sit where the camera's rule table (the camera
+    stage's masks) puts them, carry the light ArtefactLight gives them, and no light falls
+    outside the masked shapes."""
+    rules = default_rules(CAM)
+    place = placement_rules(rules)
+    light = ArtefactLight()
+    xmin, xmax, ymin, ymax = CAM.focal_plane_extent()
+    # a bright star in the field (spikes, ghost at -p) and one 100 px beyond the top edge (glint)
+    X = np.array([450.0, 300.0])
+    Y = np.array([-400.0, ymax + 100.0])
+    m = np.array([-21.0, -22.0])
+    F = 10 ** (-0.4 * m)
+    stars = BrightStars(X, Y, m)
+    drawn = {"ghost": 0.0, "glint": 0.0, "spike": 0.0}
+    glint_peak = 0.0
+    for chip in CAM.chip_names:
+        img = np.zeros((CAM.chip_ny, CAM.chip_nx), np.float32)
+        for a in artifacts_for_chip(chip, img.shape, stars, camera=CAM, rules=place, filter="r"):
+            pieces = render_artifact(img, a, F[a.source], light=light, band="r")
+            painted = paint_artifacts(np.zeros(img.shape, np.uint16), [a]) != 0
+            for sy, sx, add in pieces:
+                assert painted[sy, sx][add > 0].all(), f"{a.kind} light outside its mask on {chip}"
+                if a.kind in drawn and (a.kind != "spike" or a.source == 0):
+                    drawn[a.kind] += float(add.sum(dtype=np.float64))
+        xx, yy = np.meshgrid(np.arange(CAM.chip_nx, dtype=float), np.arange(CAM.chip_ny, dtype=float))
+        Xc, Yc = CAM.chip_to_focal(chip, xx, yy)
+        # the glint runs straight down from the star, 80 px wide: nothing beyond 40 px of X = 300
+        # (away from the spikes: star 0's at Y = -400, star 1's reach 459 px below it)
+        streak = (np.abs(Xc - 300.0) < 30) & (Yc > 0) & (Yc < ymax - 470)
+        if streak.any():
+            glint_peak = max(glint_peak, float(img[streak].max()))
+        far = (np.abs(Xc - 300.0) > 40.5) & (np.hypot(Xc - 450.0, Yc + 400.0) > 700) \
+            & (np.hypot(Xc + 450.0, Yc - 400.0) > 50)
+        assert not img[far].any()
+    # ghost: the testcam's fixed doughnut (r 20-45 px) at -p holds its flux fraction, less the
+    # soft edges (3 px ramps inside the annulus lose half their light)
+    area = np.pi * (45.0 ** 2 - 20.0 ** 2)
+    edge_loss = np.pi * light.ghost_edge * (45.0 + 20.0) / area
+    assert drawn["ghost"] == pytest.approx(F[0] * light.ghost_flux_fraction["r"] * (1 - edge_loss), rel=0.02)
+    # glint: flat top at glint_sb times the star's flux per px^2
+    assert glint_peak == pytest.approx(light.glint_sb * F[1], rel=1e-3)
+    # star 0's spikes: four rays of the rule's length (all on the chips), line density
+    # k F / (d + d0)^2 from d0, less the taper
+    L = 10 ** (0.096 * (7.35 + 21.0)) - 200.0
+    d = np.arange(light.spike_d0, L, 0.01)
+    t = np.clip((L - d) / (light.spike_taper * L), 0, 1)
+    line = np.sum(light.spike_k * F[0] / (d + light.spike_d0) ** 2 * t * t * (3 - 2 * t)) * 0.01
+    assert drawn["spike"] == pytest.approx(4 * line, rel=0.05)
 
 
 def test_instrument_signatures():
@@ -205,3 +235,67 @@ def test_expose_chip_signal_chain():
     assert bump == pytest.approx(5e-4 * src, rel=0.3)
     ys, xs = CAM.cell_origin("xy01")[1] + 200, CAM.cell_origin("xy01")[0] + 200
     assert res.mask[ys, xs] & maskbits.CROSSTALK
+
+
+def test_crosstalk_between_chips_is_drawn_where_the_rules_put_it():
+    """A coupling the instrument cannot apply cell by cell (from chip column 1 into chip column
+    0) is drawn as the image of the bright stars, at the place and strength of the rule, and
+    the camera stage's mask from the same rule covers it."""
+    from dataclasses import replace
+
+    from ps1mpi.algorithms.dynamic_masks import CrosstalkRule, dynamic_mask_for_chip
+    from ps1mpi.sim.exposure import exposure_context, simulate_chip
+    from ps1mpi.sim.survey import survey_setup
+
+    _, cam, inst, plan, sky, dist = survey_setup(preset="tiny", seed=1)
+    base = default_rules(cam)
+    md = base.crosstalk.rules[0].magdiff            # the testcam's coupling strength, 5e-4
+    rule = CrosstalkRule(1, -1, -1, 0, md)
+    rules = replace(base, crosstalk=replace(base.crosstalk, rules=(rule,)))
+    quiet = replace(base, crosstalk=replace(base.crosstalk, rules=()))
+    row = plan[0]
+    ctx = exposure_context(row, inst=inst, sky=sky, distortion=dist, rules=rules)
+    ref = exposure_context(row, inst=inst, sky=sky, distortion=dist, rules=quiet)
+    assert not ctx.instrument_crosstalk and not ref.instrument_crosstalk
+    ct = ctx.crosstalk
+    assert set(ct["src_chip"]) <= {"XY10", "XY11"} and set(ct["chip"]) <= {"XY00", "XY01"}
+    j = int(np.argmin(ct["mag"]))
+    chip = str(ct["chip"][j])
+    k = cam.chip_names.index(chip)
+    a = simulate_chip(ctx, chip, rng=np.random.default_rng(7 + k))
+    b = simulate_chip(ref, chip, rng=np.random.default_rng(7 + k))
+    cell = str(ct["cell"][j])
+    y0, y1, x0, x1 = cam.datasec
+    diff = a.cells[cell].astype(float)[y0:y1, x0:x1] - b.cells[cell].astype(float)[y0:y1, x0:x1]
+    cx0, cy0 = cam.cell_origin(cell)
+    # the image sits at the source's cell coordinates; its peak is the source's read-out peak
+    # (saturated at the full well) times 10^(-0.4 magdiff)
+    u, v = ct["x"][j] - cx0, ct["y"][j] - cy0
+    w = np.where(diff > 0.5 * diff.max(), diff, 0.0)
+    yy, xx = np.mgrid[0:cam.cell_ny, 0:cam.cell_nx]
+    assert (w * xx).sum() / w.sum() == pytest.approx(u, abs=0.3)
+    assert (w * yy).sum() / w.sum() == pytest.approx(v, abs=0.3)
+    src_cell = str(cam.cell_at(ct["src_x"][j], ct["src_y"][j]))
+    el = inst.electronics(str(ct["src_chip"][j]))[src_cell]
+    flux = float(ctx.sources["flux"][ct["source"][j]])
+    fw, _, _ = ctx.psf.at_focal(np.array([ctx.sources["X"][ct["source"][j]]]),
+                                np.array([ctx.sources["Y"][ct["source"][j]]]))
+    peak_e = min(flux * float(P.psf_image(ctx.psf, float(ctx.sources["X"][ct["source"][j]]),
+                                          float(ctx.sources["Y"][ct["source"][j]]), size=11).max()),
+                 el.full_well)
+    assert diff.max() == pytest.approx(5e-4 * peak_e / el.gain, rel=0.1, abs=1.5)
+    # nothing changed away from the images in this cell; the truth marks them and the rule's
+    # mask covers what the truth marks
+    here = np.flatnonzero((ct["chip"] == chip) & (ct["cell"] == cell))
+    near = np.zeros(diff.shape, bool)
+    for i in here:
+        near |= np.hypot(xx - (ct["x"][i] - cx0), yy - (ct["y"][i] - cy0)) < 60
+    assert diff[near].max() > 10 and not np.any(np.abs(diff[~near]) > 1)
+    xt = (a.truth_mask & maskbits.CROSSTALK) != 0
+    assert xt[int(round(ct["y"][j])), int(round(ct["x"][j]))]
+    assert not ((b.truth_mask & maskbits.CROSSTALK) != 0).any()
+    src = ctx.sources
+    stars = BrightStars(src["X"][ctx.bright], src["Y"][ctx.bright], ctx.m_inst[ctx.bright])
+    dyn = dynamic_mask_for_chip(chip, xt.shape, stars, camera=cam, rules=rules, filter="r",
+                                detection_limit_mag=-5.0)
+    assert ((dyn & maskbits.CROSSTALK) != 0)[xt].all()

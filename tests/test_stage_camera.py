@@ -210,10 +210,11 @@ def test_dynamic_masks_added_to_the_static_mask(serial):
     lab, _ = ndimage.label(core)
     disc = lab == lab[int(y0), int(x0)]                    # and no more than the circle
     assert d[disc].max() < r + 1.0 and disc.sum() == pytest.approx(math.pi * r * r, rel=0.02)
-    # testcam crosstalk: cell column 0 of chip column 0 images onto cell column 1, same place
+    # testcam crosstalk (testcam_masks.toml): cell xy00 leaks into xy01, the other cell row,
+    # at the same cell coordinates
     xt = (mask & maskbits.CROSSTALK) != 0
-    xi = int(x0 + CAM.cell_nx + CAM.cell_gap_x)
-    assert xt[int(y0), xi] and not xt[int(y0), int(x0)]
+    yi = int(y0 + CAM.cell_ny + CAM.cell_gap_y)
+    assert xt[yi, int(x0)] and not xt[int(y0), int(x0)]
     el = _element(root, GOOD)
     n_dyn = sum(int(np.count_nonzero(fitsio.read(str(_product(root, GOOD, f"{c}.mk.fits")))
                                      & maskbits.DYNAMIC)) for c in ("XY00", "XY01", "XY10"))

@@ -6,25 +6,33 @@ detections themselves) predict where the camera's optics and electronics put art
 
 - **optical ghosts** -- a star at focal-plane position ``p`` puts an out-of-focus doughnut
   near ``-p`` (reflected through the optical axis), an elliptical annulus elongated along the
-  radial direction, whose size grows with the star's distance from the axis;
-- **glints** -- a star just beyond the top or bottom edge of the focal plane scatters a long
-  narrow streak onto it, perpendicular to that edge;
+  radial direction, whose size may grow with the star's distance from the axis;
+- **glints** -- a star just beyond an edge of the focal plane scatters a long narrow streak
+  onto it, perpendicular to that edge;
 - **saturated-star cores** -- a circle around each saturated star;
 - **diffraction spikes** -- four rays from the secondary-mirror spider;
 - **electronic crosstalk** -- a star read out in one cell leaves a faint image at the same cell
-  coordinates in other cells (of the same or a neighbouring chip) per a rule table.
+  coordinates in other cells (of the same or a neighbouring chip) per a rule table; the image
+  of a bright star's bleed trail runs along the target cell's columns.
 
 Each prediction is an :class:`Artifact` (a shape in one chip's pixel frame); painting them
 sets the dynamic bits of :mod:`ps1mpi.algorithms.maskbits` (GHOST, GLINT, STARCORE, SPIKE,
-CROSSTALK). The same predictions tell the simulator where to *put* the artefacts, so the rules
-are shared: :class:`DynamicMaskRules` is the one recipe table both use.
+CROSSTALK).
+
+**One description per camera.** The rules of a camera are data: ``<camera>_masks.toml`` next
+to the camera file in ``ps1mpi/data/cameras/`` (``gpc1_masks.toml``: the public IPP psastro
+values; ``testcam_masks.toml``: the simulated test camera's optics and electronics), read by
+:func:`default_rules`. The camera stage masks with them and the simulator
+(:mod:`ps1mpi.sim.artefacts`, :mod:`ps1mpi.sim.exposure`) *places* its artefacts with the same
+geometry (:func:`artifacts_for_chip`, :func:`crosstalk_targets`) and only decides how bright
+they are, so the masks cover the simulated artefacts by construction of the physics.
 
 Magnitudes here are *instrumental*: ``m_inst = -2.5 log10(counts)`` with counts the star's
-total signal in the exposure (ADU), as the IPP's psastro recipes (``REFSTAR_MASK_*``,
+total signal in the exposure (electrons), as the IPP's psastro recipes (``REFSTAR_MASK_*``,
 ``GHOST_MAX_MAG``, ``GLINT_*``) are written. The stage converts reference magnitudes with the
 exposure zero point: ``m_inst = m_ref - zp``.
 
-Default numbers are the public GPC1 psastro recipe values (see ``ipp-facts.md``):
+The GPC1 table (``ipp-facts.md`` and the public ``gpc1/psastro.config``):
 
 - saturated-star circle radius ``17.631 + 1.493 ** (-11.363 - m)`` px, for ``m < -15``;
 - spike length ``10 ** (0.096 * (7.35 - m)) - 200`` px, width ``8 + 0.01 * (L - 200)`` px
@@ -35,16 +43,21 @@ Default numbers are the public GPC1 psastro recipe values (see ``ipp-facts.md``)
   (g -16.5, r -20.0, i -22.0, z -22.0, y -21.5, w -20.4);
 - crosstalk rules of the strongest GPC1 couplings (OTA columns 2 and 5, cells 3, 5, 6, 7),
   with the image ``magdiff`` (~6-9) magnitudes fainter than its source, masked when brighter
-  than the chip's detection limit.
+  than the chip's detection limit; bleed-trail images (``REFSTAR_MASK_BLEED_MAG_*``) as
+  column boxes the height of the cell.
 
-Pure functions: arrays and geometry objects in, arrays out.
+Pure functions on arrays and geometry objects; the only file read is the camera's packaged
+rule table (:func:`default_rules`, cached).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -60,17 +73,21 @@ __all__ = [
     "CrosstalkModel",
     "DynamicMaskRules",
     "default_rules",
+    "load_rules",
+    "rules_path",
     "BrightStars",
     "Artifact",
     "starcore_radius",
     "spike_geometry",
     "ghost_geometry",
     "glint_geometry",
+    "crosstalk_radius",
     "crosstalk_targets",
     "artifacts_for_chip",
     "paint_artifacts",
     "dynamic_mask_for_chip",
     "KIND_BITS",
+    "RULES_DIR",
 ]
 
 #: Mask bit of each artefact kind.
@@ -81,6 +98,9 @@ KIND_BITS: dict[str, int] = {
     "spike": maskbits.SPIKE,
     "crosstalk": maskbits.CROSSTALK,
 }
+
+#: Where the packaged rule tables live (next to the camera files).
+RULES_DIR = Path(__file__).resolve().parents[1] / "data" / "cameras"
 
 _FILTERS = ("g", "r", "i", "z", "y", "w")
 
@@ -106,10 +126,10 @@ class StarCoreRule:
         Instrumental magnitude where the exponential term is one (mag).
     """
 
-    max_mag: float = -15.0
-    rad_offset: float = 17.631
-    rad_exp: float = 1.493
-    mag_ref: float = -11.363
+    max_mag: float
+    rad_offset: float
+    rad_exp: float
+    mag_ref: float
 
 
 @dataclass(frozen=True)
@@ -134,13 +154,13 @@ class SpikeRule:
         is fixed to the telescope, so a stage that knows the rotator angle may override it.
     """
 
-    mag_slope: float = 0.096
-    mag_zero: float = 7.35
-    offset: float = 200.0
-    width: float = 8.0
-    l0: float = 200.0
-    width_slope: float = 0.01
-    angle_deg: float = 45.0
+    mag_slope: float
+    mag_zero: float
+    offset: float
+    width: float
+    l0: float
+    width_slope: float
+    angle_deg: float
 
 
 @dataclass(frozen=True)
@@ -163,47 +183,20 @@ class GhostModel:
     inner_major, inner_minor, outer_major, outer_minor : tuple of float
         1-D polynomials in ``r`` for the annulus semi-axes (px).
     max_mag : dict
-        Per-filter instrumental magnitude limit: only brighter stars make ghosts (mag).
-    flux_fraction : float
-        Fraction of the star's flux in its ghost, spread evenly over the annulus (used by
-        the simulator to draw it; masks do not depend on it).
+        Per-filter instrumental magnitude limit: only brighter stars' ghosts are masked (mag).
     """
 
-    mirror_rad: tuple[float, ...] = (0.0, 2.05047162)
-    center_x: tuple[tuple[int, int, float], ...] = (
-        (0, 0, -4.44204528e+01), (1, 0, -3.61808461e-02), (2, 0, -3.41904191e-09),
-        (3, 0, 1.23247534e-10), (0, 1, 3.68637258e-04), (1, 1, -5.85079042e-08),
-        (2, 1, 3.11998344e-12), (0, 2, -3.76258537e-08), (1, 2, 1.23486032e-10),
-        (0, 3, -1.91249100e-12))
-    center_y: tuple[tuple[int, int, float], ...] = (
-        (0, 0, 8.48484727e+01), (1, 0, -5.44742647e-04), (2, 0, -3.24795847e-08),
-        (3, 0, 3.94751094e-12), (0, 1, -3.73181147e-02), (1, 1, -5.49688915e-09),
-        (2, 1, 1.28040160e-10), (0, 2, -1.30695487e-07), (1, 2, 1.07915457e-12),
-        (0, 3, 1.26204472e-10))
-    inner_major: tuple[float, ...] = (3.926693e+01, 5.325759e-03)
-    inner_minor: tuple[float, ...] = (5.287548e+01, -2.191669e-03)
-    outer_major: tuple[float, ...] = (8.99331326e+01, 1.17511553e-02, 6.21923231e-07)
-    outer_minor: tuple[float, ...] = (1.36523263e+02, -3.5025434e-03)
-    max_mag: Mapping[str, float] = field(default_factory=lambda: {
-        "g": -16.5, "r": -20.0, "i": -22.0, "z": -22.0, "y": -21.5, "w": -20.4})
-    flux_fraction: float = 2.0e-3
+    mirror_rad: tuple[float, ...]
+    center_x: tuple[tuple[int, int, float], ...]
+    center_y: tuple[tuple[int, int, float], ...]
+    inner_major: tuple[float, ...]
+    inner_minor: tuple[float, ...]
+    outer_major: tuple[float, ...]
+    outer_minor: tuple[float, ...]
+    max_mag: Mapping[str, float]
 
-    @classmethod
-    def annulus(cls, *, centre_scale: float, outer0: float, outer1: float, inner_ratio: float,
-                edge: float = 0.0, max_mag: Mapping[str, float] | None = None,
-                flux_fraction: float = 2.0e-3) -> "GhostModel":
-        """A circular ghost at ``-centre_scale * p`` with outer radius ``outer0 + outer1 * r``
-        (px; ``r`` the source radius) and inner radius ``inner_ratio`` times it, the mask grown
-        by half a soft edge of ``edge`` times the outer radius on both sides (the simulator's
-        ghost: ``outer0 = a0 * field_radius``, ``outer1 = a1``)."""
-        grow = 0.5 * edge
-        return cls(mirror_rad=(0.0, 1.0 + centre_scale), center_x=(), center_y=(),
-                   inner_major=(outer0 * (inner_ratio - grow), outer1 * (inner_ratio - grow)),
-                   inner_minor=(outer0 * (inner_ratio - grow), outer1 * (inner_ratio - grow)),
-                   outer_major=(outer0 * (1 + grow), outer1 * (1 + grow)),
-                   outer_minor=(outer0 * (1 + grow), outer1 * (1 + grow)),
-                   max_mag=dict(max_mag) if max_mag else dict(GhostModel().max_mag),
-                   flux_fraction=flux_fraction)
+
+_SIDES = ("top", "bottom", "left", "right")
 
 
 @dataclass(frozen=True)
@@ -211,10 +204,10 @@ class GlintRule:
     """Glints from stars just beyond the focal-plane edges.
 
     A star whose focal-plane position lies within the edge's span and between ``region_min``
-    and ``region_max`` px beyond the ``sides`` edges of the focal plane produces a streak that
-    starts at the star and runs perpendicular to the edge, into the focal plane, for
-    ``length_slope * (length_zero - m)`` px in total; it is kept if at least ``min_length`` px
-    of it lie inside the edge.
+    and ``region_max`` px beyond one of the ``sides`` edges of the focal plane produces a
+    streak that starts at the star and runs perpendicular to the edge, into the focal plane,
+    for ``length_slope * (length_zero - m)`` px in total; it is kept if at least
+    ``min_length`` px of it lie inside the edge.
 
     Attributes
     ----------
@@ -232,21 +225,21 @@ class GlintRule:
         Shortest on-focal-plane length kept (px).
     sides : tuple of str
         Edges that produce glints: any of ``top`` (+Y), ``bottom``, ``left`` (-X), ``right``.
-    surface_brightness : float
-        Glint surface brightness as a fraction of the star's total flux per pixel of glint
-        length per pixel of width (used by the simulator).
     """
 
-    max_mag: Mapping[str, float] = field(default_factory=lambda: {
-        "g": -23.0, "r": -23.0, "i": -23.4, "z": -23.4, "y": -23.0, "w": -24.4})
-    length_slope: float = 1901.0
-    length_zero: float = -16.8
-    width: float = 80.0
-    region_min: float = 3428.0
-    region_max: float = 17428.0
-    min_length: float = 1500.0
-    sides: tuple[str, ...] = ("top", "bottom")
-    surface_brightness: float = 2.0e-9
+    max_mag: Mapping[str, float]
+    length_slope: float
+    length_zero: float
+    width: float
+    region_min: float
+    region_max: float
+    min_length: float
+    sides: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        bad = set(self.sides) - set(_SIDES)
+        if bad:
+            raise ValueError(f"glint.sides {tuple(self.sides)!r} must be among {_SIDES}")
 
 
 @dataclass(frozen=True)
@@ -270,6 +263,11 @@ class CrosstalkRule:
     src_cell_row: int = -1
     dcell_row: int = 0
 
+    @property
+    def chip_independent(self) -> bool:
+        """True when the coupling is the same on every chip and stays within the chip."""
+        return self.src_chip_col < 0 and self.dchip_col == 0
+
     def to_list(self) -> list:
         """Recipe form ``[src_chip_col, src_cell_col, dchip_col, dcell_col, magdiff,
         src_cell_row, dcell_row]``."""
@@ -285,6 +283,9 @@ class CrosstalkRule:
         return cls(int(r[0]), int(r[1]), int(r[2]), int(r[3]), float(r[4]), *extra)
 
 
+_RADIUS_LAWS = ("starcore", "linear")
+
+
 @dataclass(frozen=True)
 class CrosstalkModel:
     """Crosstalk rules and masking parameters.
@@ -297,18 +298,51 @@ class CrosstalkModel:
         Default instrumental detection limit of a chip (mag): images brighter than this are
         masked. The stage passes each chip's measured limit when it has one.
     aspect : float
-        The mask is an ellipse with semi-axes ``aspect * R`` (x) and ``R`` (y), ``R`` the
-        saturated-star radius of the source (IPP: 0.5).
+        The image mask is an ellipse with semi-axes ``aspect * R`` (x) and ``R`` (y).
+    radius_law : str
+        ``"starcore"``: ``R`` is the source's saturated-star radius (the IPP's current code);
+        ``"linear"``: ``R = rad_slope * (rad_mag_max - m)`` (IPP
+        ``REFSTAR_MASK_CROSSTALK_MAG_SLOPE`` / ``_MAG_MAX``).
+    rad_slope, rad_mag_max : float
+        The linear law (px per mag, mag).
+    bleed_max_mag : float
+        Sources brighter than this (mag) bleed, and the image of the bleed trail is masked as
+        a column box at the image (IPP ``REFSTAR_MASK_BLEED_MAG_MAX``)...
+    bleed_width_slope : float
+        ... of full width ``bleed_width_slope * (bleed_max_mag - m)`` px
+        (``REFSTAR_MASK_BLEED_MAG_SLOPE``) ...
+    bleed_max_magdiff : float
+        ... for couplings with ``magdiff`` up to this (mag; the IPP's 8) ...
+    bleed_length_slope, bleed_length_mag_max : float
+        ... reaching ``10 ** (bleed_length_slope * (bleed_length_mag_max - m))`` px above and
+        below the image, within the target cell (``REFSTAR_MASK_BLEED_MAG_SLOPE_Y`` /
+        ``_MAG_MAX_Y``); ``bleed_length_slope <= 0`` masks the whole height of the cell (the
+        IPP's crosstalk bleeds).
     """
 
-    rules: tuple[CrosstalkRule, ...] = ()
-    detection_limit_mag: float = -7.2
-    aspect: float = 0.5
+    rules: tuple[CrosstalkRule, ...]
+    detection_limit_mag: float
+    aspect: float
+    radius_law: str
+    rad_slope: float
+    rad_mag_max: float
+    bleed_max_mag: float
+    bleed_width_slope: float
+    bleed_max_magdiff: float
+    bleed_length_slope: float
+    bleed_length_mag_max: float
+
+    def __post_init__(self) -> None:
+        if self.radius_law not in _RADIUS_LAWS:
+            raise ValueError(f"crosstalk.radius_law {self.radius_law!r} must be one of "
+                             f"{_RADIUS_LAWS}")
+        if not self.aspect > 0:
+            raise ValueError(f"crosstalk.aspect must be positive, got {self.aspect!r}")
 
     @staticmethod
-    def row_pairs(ncell_y: int, *, coeff: float = 5e-4) -> tuple[CrosstalkRule, ...]:
+    def row_pairs(ncell_y: int, *, coeff: float) -> tuple[CrosstalkRule, ...]:
         """Rules coupling cell rows in pairs (``xyIJ`` <-> ``xyI(J xor 1)``) on every chip and
-        cell column with flux ratio ``coeff`` (the simulator's crosstalk)."""
+        cell column with flux ratio ``coeff``."""
         if not 0 < coeff < 1:
             raise ValueError(f"coeff: must be in (0, 1), got {coeff!r}")
         md = -2.5 * math.log10(coeff)
@@ -316,34 +350,27 @@ class CrosstalkModel:
                      for j in range(int(ncell_y)) if (j ^ 1) < ncell_y)
 
 
-#: The strongest GPC1 couplings (IPP crosstalk_rules.mdc entries with magdiff < 9; they are the
-#: documented OTA2y/OTA5y inter- and intra-chip rules).
-GPC1_CROSSTALK: tuple[CrosstalkRule, ...] = (
-    CrosstalkRule(2, 3, +1, 0, 5.98), CrosstalkRule(2, 5, 0, +1, 6.83),
-    CrosstalkRule(2, 6, 0, -1, 6.86), CrosstalkRule(2, 6, +1, +1, 8.81),
-    CrosstalkRule(2, 7, +1, -5, 7.71), CrosstalkRule(5, 3, -1, 0, 6.17),
-    CrosstalkRule(5, 5, 0, +1, 7.37), CrosstalkRule(5, 6, 0, -1, 7.46),
-    CrosstalkRule(5, 6, -1, +1, 8.82), CrosstalkRule(5, 7, -1, -5, 8.39),
-)
-
-#: Test-camera couplings (2x2 OTAs of 2x2 cells): an intra-chip pair on chip column 0 and an
-#: inter-chip rule from chip column 1 to column 0, of the GPC1 strength.
-TESTCAM_CROSSTALK: tuple[CrosstalkRule, ...] = (
-    CrosstalkRule(0, 0, 0, +1, 6.8), CrosstalkRule(0, 1, 0, -1, 6.9),
-    CrosstalkRule(1, 1, -1, 0, 6.0),
-)
+_PARTS: tuple[tuple[str, type], ...] = (
+    ("starcore", StarCoreRule), ("spike", SpikeRule), ("ghost", GhostModel),
+    ("glint", GlintRule), ("crosstalk", CrosstalkModel))
 
 
 @dataclass(frozen=True)
 class DynamicMaskRules:
-    """All dynamic-mask rules of a camera: the recipe table shared with the simulator."""
+    """All dynamic-mask rules of a camera: the table shared by the camera stage and the
+    simulator (``<camera>_masks.toml``, see :func:`default_rules`)."""
 
-    starcore: StarCoreRule = field(default_factory=StarCoreRule)
-    spike: SpikeRule = field(default_factory=SpikeRule)
-    ghost: GhostModel = field(default_factory=GhostModel)
-    glint: GlintRule = field(default_factory=GlintRule)
-    crosstalk: CrosstalkModel = field(default_factory=CrosstalkModel)
+    starcore: StarCoreRule
+    spike: SpikeRule
+    ghost: GhostModel
+    glint: GlintRule
+    crosstalk: CrosstalkModel
     enabled: tuple[str, ...] = ("ghost", "glint", "starcore", "spike", "crosstalk")
+
+    def __post_init__(self) -> None:
+        if set(self.enabled) - set(KIND_BITS):
+            raise ValueError(f"dynamic mask rules: enabled {tuple(self.enabled)!r} must be "
+                             f"among {sorted(KIND_BITS)}")
 
     def to_mapping(self) -> dict[str, Any]:
         """A plain nested dict (TOML-writable) of the rules."""
@@ -351,96 +378,160 @@ class DynamicMaskRules:
         out["enabled"] = list(self.enabled)
         out["ghost"]["max_mag"] = dict(self.ghost.max_mag)
         out["glint"]["max_mag"] = dict(self.glint.max_mag)
+        out["glint"]["sides"] = list(self.glint.sides)
         out["crosstalk"]["rules"] = [r.to_list() for r in self.crosstalk.rules]
+        for name in ("mirror_rad", "inner_major", "inner_minor", "outer_major", "outer_minor"):
+            out["ghost"][name] = list(getattr(self.ghost, name))
+        for name in ("center_x", "center_y"):
+            out["ghost"][name] = [list(t) for t in getattr(self.ghost, name)]
         return out
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], *, base: "DynamicMaskRules | None" = None
-                     ) -> "DynamicMaskRules":
-        """Rules from a recipe table; keys not given keep the values of ``base`` (default rules).
+    def from_mapping(cls, data: Mapping[str, Any], *, base: "DynamicMaskRules | None" = None,
+                     source: str = "dynamic mask rules") -> "DynamicMaskRules":
+        """Rules from a recipe table.
 
-        Crosstalk rules are lists ``[src_chip_col, src_cell_col, dchip_col, dcell_col,
-        magdiff]``; 2-D ghost polynomials are lists of ``[i, j, c]``.
+        Parameters
+        ----------
+        data : mapping
+            Sections ``starcore``, ``spike``, ``ghost``, ``glint``, ``crosstalk`` and the list
+            ``enabled``. Crosstalk rules are lists ``[src_chip_col, src_cell_col, dchip_col,
+            dcell_col, magdiff(, src_cell_row, dcell_row)]``; 2-D ghost polynomials are lists
+            of ``[i, j, c]``; ``max_mag`` are tables ``filter = mag``.
+        base : DynamicMaskRules, optional
+            Keys not given keep the values of ``base`` (e.g. ``default_rules(camera)`` under a
+            campaign recipe). Without it the table must be complete (a rule file).
+        source : str
+            Name of the table in error messages (a file name or recipe section).
+
+        Returns
+        -------
+        DynamicMaskRules
         """
-        base = base or cls()
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known - {"_free"}
         if unknown:
-            raise ValueError(f"dynamic mask rules: unknown sections {sorted(unknown)} "
+            raise ValueError(f"{source}: unknown sections {sorted(unknown)} "
                              f"(known: {sorted(known)})")
         parts: dict[str, Any] = {}
-        for name, sub_cls in (("starcore", StarCoreRule), ("spike", SpikeRule),
-                              ("ghost", GhostModel), ("glint", GlintRule),
-                              ("crosstalk", CrosstalkModel)):
+        for name, sub_cls in _PARTS:
             sub = data.get(name)
-            current = getattr(base, name)
+            current = getattr(base, name) if base is not None else None
             if sub is None:
+                if current is None:
+                    raise ValueError(f"{source}: missing section [{name}]")
+                parts[name] = current
                 continue
             if not isinstance(sub, Mapping):
-                raise ValueError(f"dynamic mask rules: [{name}] must be a table")
-            allowed = {f.name for f in fields(sub_cls)}
-            bad = set(sub) - allowed
+                raise ValueError(f"{source}: [{name}] must be a table")
+            allowed = {f.name: f for f in fields(sub_cls)}
+            bad = set(sub) - set(allowed)
             if bad:
-                raise ValueError(f"dynamic mask rules: unknown keys {sorted(bad)} in [{name}] "
+                raise ValueError(f"{source}: unknown keys {sorted(bad)} in [{name}] "
                                  f"(known: {sorted(allowed)})")
             conv: dict[str, Any] = {}
             for key, value in sub.items():
-                if key == "rules":
-                    try:
-                        conv[key] = tuple(CrosstalkRule.from_list(r) for r in value)
-                    except (TypeError, IndexError, ValueError) as err:
-                        raise ValueError("dynamic mask rules: crosstalk.rules entries must be "
-                                         "[src_chip_col, src_cell_col, dchip_col, dcell_col, "
-                                         f"magdiff(, src_cell_row, dcell_row)]: {err}") from err
-                elif key in ("center_x", "center_y"):
-                    conv[key] = tuple((int(t[0]), int(t[1]), float(t[2])) for t in value)
-                elif isinstance(getattr(current, key), Mapping):
-                    if not isinstance(value, Mapping):
-                        raise ValueError(f"dynamic mask rules: {name}.{key} must be a table "
-                                         "of filter = value")
-                    conv[key] = {str(k): float(v) for k, v in value.items()}
-                elif key == "sides":
-                    sides = tuple(str(s) for s in value)
-                    if set(sides) - {"top", "bottom", "left", "right"}:
-                        raise ValueError(f"dynamic mask rules: glint.sides {sides!r} must be "
-                                         "among top, bottom, left, right")
-                    conv[key] = sides
-                elif isinstance(value, (list, tuple)):
-                    conv[key] = tuple(float(v) for v in value)
+                try:
+                    conv[key] = _convert(name, key, value)
+                except (TypeError, IndexError, ValueError) as err:
+                    raise ValueError(f"{source}: {name}.{key}: {err}") from None
+            try:
+                if current is None:
+                    missing = sorted(k for k, f in allowed.items() if k not in conv
+                                     and f.default is MISSING and f.default_factory is MISSING)
+                    if missing:
+                        raise ValueError(f"missing keys {missing} in [{name}]")
+                    parts[name] = sub_cls(**conv)
                 else:
-                    conv[key] = float(value)
-            parts[name] = replace(current, **conv)
-        enabled = tuple(data.get("enabled", base.enabled))
-        if set(enabled) - set(KIND_BITS):
-            raise ValueError(f"dynamic mask rules: enabled {enabled!r} must be among "
-                             f"{sorted(KIND_BITS)}")
-        return replace(base, enabled=enabled, **parts)
+                    parts[name] = replace(current, **conv)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{source}: {err}") from None
+        enabled = data.get("enabled", base.enabled if base is not None else cls.enabled)
+        try:
+            return cls(enabled=tuple(str(e) for e in enabled), **parts)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
-_GPC1_HALF_HEIGHT = 4.0 * 5143.0  # px, for scaling the GPC1 glint band to other cameras
+def _convert(section: str, key: str, value: Any) -> Any:
+    """One rule-table value in its dataclass form."""
+    if key == "rules":
+        return tuple(CrosstalkRule.from_list(r) for r in value)
+    if key in ("center_x", "center_y"):
+        out = []
+        for t in value:
+            if len(t) != 3:
+                raise ValueError(f"terms must be [i, j, c], got {list(t)!r}")
+            out.append((int(t[0]), int(t[1]), float(t[2])))
+        return tuple(out)
+    if key == "max_mag" and section in ("ghost", "glint"):
+        if not isinstance(value, Mapping):
+            raise ValueError("must be a table of filter = mag")
+        return {str(k): float(v) for k, v in value.items()}
+    if key == "sides":
+        return tuple(str(s) for s in value)
+    if key == "radius_law":
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number, got {value!r}")
+    return float(value)
+
+
+@lru_cache(maxsize=32)
+def _read_table(path: str, mtime_ns: int) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        return tomllib.load(fh)
+
+
+def rules_path(camera: Any) -> Path:
+    """The rule table of a camera (a :class:`~ps1mpi.geometry.camera.Camera` or its name).
+
+    Looked for next to the camera's own file (``<stem>_masks.toml``), then in
+    :data:`RULES_DIR` (``<name>_masks.toml``).
+
+    Raises
+    ------
+    ValueError
+        When the camera has no rule table (naming the files looked for).
+    """
+    name = str(camera if isinstance(camera, str) else getattr(camera, "name", "")).lower()
+    cands: list[Path] = []
+    src = "" if isinstance(camera, str) else str(getattr(camera, "source", "") or "")
+    if src:
+        p = Path(src)
+        cands.append(p.with_name(f"{p.stem}_masks.toml"))
+    if name:
+        cands.append(RULES_DIR / f"{name}_masks.toml")
+    for c in cands:
+        if c.is_file():
+            return c
+    raise ValueError(f"camera {name or camera!r}: no dynamic-mask rule table "
+                     f"(looked for {', '.join(str(c) for c in cands) or 'a camera name'})")
+
+
+def load_rules(path: str | Path) -> DynamicMaskRules:
+    """Read a complete rule table (TOML, the layout of :meth:`DynamicMaskRules.to_mapping`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"dynamic-mask rule table {p} does not exist")
+    try:
+        data = _read_table(str(p.resolve()), p.stat().st_mtime_ns)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"dynamic-mask rule table {p}: {err}") from None
+    return DynamicMaskRules.from_mapping(data, source=f"dynamic-mask rule table {p.name}")
 
 
 def default_rules(camera: Any) -> DynamicMaskRules:
-    """Default rules for a camera (a :class:`~ps1mpi.geometry.camera.Camera` or its name).
+    """The rules of a camera (a :class:`~ps1mpi.geometry.camera.Camera` or its name): its
+    ``<camera>_masks.toml`` (see :func:`rules_path`). GPC1's are the public IPP psastro values,
+    ``testcam``'s those of the simulated test camera (``docs/camera-calibration.md``)."""
+    return load_rules(rules_path(camera))
 
-    GPC1 gets the public psastro recipe values. Other cameras share the optics (ghost model,
-    star-core and spike laws: same pixel scale) while the glint band and minimum length are
-    scaled by the focal-plane half-height relative to GPC1's, and the crosstalk rules are the
-    camera's own (``testcam``: :data:`TESTCAM_CROSSTALK`).
-    """
-    name = camera if isinstance(camera, str) else getattr(camera, "name", "")
-    name = str(name).lower()
-    if name == "gpc1":
-        return DynamicMaskRules(crosstalk=CrosstalkModel(rules=GPC1_CROSSTALK))
-    glint = GlintRule()
-    if not isinstance(camera, str):
-        xmin, xmax, ymin, ymax = camera.focal_plane_extent()
-        scale = 0.5 * (ymax - ymin) / _GPC1_HALF_HEIGHT
-        glint = replace(glint, region_min=glint.region_min * scale,
-                        region_max=glint.region_max * scale,
-                        min_length=glint.min_length * scale)
-    rules = TESTCAM_CROSSTALK if name == "testcam" else ()
-    return DynamicMaskRules(glint=glint, crosstalk=CrosstalkModel(rules=rules))
+
+def _gpc1() -> DynamicMaskRules:
+    return default_rules("gpc1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,7 +607,7 @@ class Artifact:
     chip : str
         Chip name.
     x, y : float
-        Centre (ellipses) or start point (boxes: glint, spike) in chip pixels.
+        Centre (ellipses) or start point (boxes) in chip pixels.
     a, b : float
         Ellipses: semi-axes along ``theta`` and across (px). Boxes: length and full width (px).
     theta : float
@@ -526,10 +617,12 @@ class Artifact:
     mag : float
         Instrumental magnitude of the source star (mag).
     flux_ratio : float
-        Artefact flux / source flux (ghost, crosstalk); glints: surface brightness per unit
-        length and width as a fraction of the source flux; 0 otherwise.
+        Crosstalk: image flux / source flux; 0 otherwise.
     source : int
         Index of the source star in :class:`BrightStars`.
+    shape : str
+        ``"box"`` or ``"ellipse"``; empty: by kind (glints and spikes are boxes). Crosstalk
+        images of bleed trails are boxes.
     """
 
     kind: str
@@ -544,10 +637,13 @@ class Artifact:
     mag: float = float("nan")
     flux_ratio: float = 0.0
     source: int = -1
+    shape: str = ""
 
     @property
     def is_box(self) -> bool:
-        """True for box-shaped artefacts (glints, spikes)."""
+        """True for box-shaped artefacts (glints, spikes, bleed-trail crosstalk)."""
+        if self.shape:
+            return self.shape == "box"
         return self.kind in ("glint", "spike")
 
     def bbox(self) -> tuple[float, float, float, float]:
@@ -562,6 +658,26 @@ class Artifact:
         hx = math.hypot(self.a * c, self.b * s)
         hy = math.hypot(self.a * s, self.b * c)
         return self.x - hx, self.x + hx, self.y - hy, self.y + hy
+
+    def frame(self, xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coordinates ``(u, v)`` of chip pixels in the artefact's frame: along ``theta`` from
+        its start (boxes) or centre (ellipses), and across (px)."""
+        c, s = math.cos(self.theta), math.sin(self.theta)
+        dx = np.asarray(xx, dtype=float) - self.x
+        dy = np.asarray(yy, dtype=float) - self.y
+        return dx * c + dy * s, -dx * s + dy * c
+
+    def inside(self, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        """Whether chip positions lie inside the shape (what :func:`paint_artifacts` masks)."""
+        u, v = self.frame(xx, yy)
+        if self.is_box:
+            return (u >= 0) & (u <= self.a) & (np.abs(v) <= 0.5 * self.b)
+        if self.a <= 0 or self.b <= 0:
+            return np.zeros(np.broadcast(u, v).shape, bool)
+        ins = (u / self.a) ** 2 + (v / self.b) ** 2 <= 1.0
+        if self.a_in > 0 and self.b_in > 0:
+            ins &= (u / self.a_in) ** 2 + (v / self.b_in) ** 2 > 1.0
+        return ins
 
 
 def _poly1(coeffs: Sequence[float], r: np.ndarray) -> np.ndarray:
@@ -585,19 +701,26 @@ def _filter_key(filter: str) -> str:
     return key
 
 
-def starcore_radius(mag: np.ndarray, rule: StarCoreRule = StarCoreRule()) -> np.ndarray:
-    """Saturated-star mask radius (px); NaN for stars fainter than ``rule.max_mag``."""
+def starcore_radius(mag: np.ndarray, rule: StarCoreRule | None = None) -> np.ndarray:
+    """Saturated-star mask radius (px); NaN for stars fainter than ``rule.max_mag``
+    (``rule``: GPC1's when None)."""
+    rule = rule or _gpc1().starcore
     mag = np.asarray(mag, dtype=float)
     r = rule.rad_offset + rule.rad_exp ** (rule.mag_ref - mag)
     return np.where(mag < rule.max_mag, r, np.nan)
 
 
-def spike_geometry(mag: np.ndarray, rule: SpikeRule = SpikeRule(), *,
-                   max_mag: float = StarCoreRule.max_mag) -> tuple[np.ndarray, np.ndarray]:
+def spike_geometry(mag: np.ndarray, rule: SpikeRule | None = None, *,
+                   max_mag: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Diffraction-spike length and full width (px) for instrumental magnitudes.
 
-    Returns zero length where no spike is drawn (faint stars, ``m >= max_mag``).
+    ``rule`` and ``max_mag`` (the star-core limit gating spikes) default to GPC1's. Returns
+    zero length where no spike is drawn (faint stars, ``m >= max_mag``).
     """
+    if rule is None or max_mag is None:
+        g = _gpc1()
+        rule = rule or g.spike
+        max_mag = g.starcore.max_mag if max_mag is None else max_mag
     mag = np.asarray(mag, dtype=float)
     length = 10.0 ** (rule.mag_slope * (rule.mag_zero - mag)) - rule.offset
     length = np.where((mag < max_mag) & (length > 0), length, 0.0)
@@ -605,9 +728,10 @@ def spike_geometry(mag: np.ndarray, rule: SpikeRule = SpikeRule(), *,
     return length, width
 
 
-def ghost_geometry(X: np.ndarray, Y: np.ndarray, model: GhostModel = GhostModel()
+def ghost_geometry(X: np.ndarray, Y: np.ndarray, model: GhostModel | None = None
                    ) -> dict[str, np.ndarray]:
-    """Ghost centre and annulus of stars at focal-plane ``(X, Y)`` (px from the axis).
+    """Ghost centre and annulus of stars at focal-plane ``(X, Y)`` (px from the axis);
+    ``model``: GPC1's when None.
 
     Returns
     -------
@@ -615,6 +739,7 @@ def ghost_geometry(X: np.ndarray, Y: np.ndarray, model: GhostModel = GhostModel(
         ``X, Y`` ghost centre (px), ``a_in, b_in, a_out, b_out`` semi-axes (px) and ``theta``
         (radians from +X: the radial direction of the source).
     """
+    model = model or _gpc1().ghost
     X = np.asarray(X, dtype=float)
     Y = np.asarray(Y, dtype=float)
     r = np.hypot(X, Y)
@@ -634,7 +759,7 @@ def ghost_geometry(X: np.ndarray, Y: np.ndarray, model: GhostModel = GhostModel(
 
 
 def glint_geometry(X: np.ndarray, Y: np.ndarray, mag: np.ndarray, *, extent: Sequence[float],
-                   rule: GlintRule = GlintRule(), filter: str = "r") -> dict[str, np.ndarray]:
+                   rule: GlintRule | None = None, filter: str = "r") -> dict[str, np.ndarray]:
     """Glint streaks of stars beyond the focal-plane edges.
 
     Parameters
@@ -645,8 +770,8 @@ def glint_geometry(X: np.ndarray, Y: np.ndarray, mag: np.ndarray, *, extent: Seq
         Instrumental magnitudes (mag).
     extent : sequence of 4 float
         Focal-plane extent ``(Xmin, Xmax, Ymin, Ymax)`` (px) of the chips.
-    rule : GlintRule
-        Glint law.
+    rule : GlintRule, optional
+        Glint law (GPC1's when None).
     filter : str
         Exposure filter (for the magnitude limit).
 
@@ -657,6 +782,7 @@ def glint_geometry(X: np.ndarray, Y: np.ndarray, mag: np.ndarray, *, extent: Seq
         (direction into the focal plane, radians from +X), ``length`` (total, px),
         ``width`` (px), ``inside`` (length inside the edge, px).
     """
+    rule = rule or _gpc1().glint
     fkey = _filter_key(filter)
     X = np.asarray(X, dtype=float)
     Y = np.asarray(Y, dtype=float)
@@ -725,6 +851,16 @@ def _cell_of(camera: Any, x: np.ndarray, y: np.ndarray
     return ic, jr, u, v
 
 
+def crosstalk_radius(mag: np.ndarray, model: CrosstalkModel, starcore: StarCoreRule
+                     ) -> np.ndarray:
+    """Radius ``R`` (px) of the crosstalk-image mask of sources of instrumental magnitude
+    ``mag``: the semi-axes are ``aspect * R`` along x and ``R`` along y."""
+    mag = np.asarray(mag, dtype=float)
+    if model.radius_law == "linear":
+        return np.maximum(model.rad_slope * (model.rad_mag_max - mag), 0.0)
+    return starcore.rad_offset + starcore.rad_exp ** (starcore.mag_ref - mag)
+
+
 def crosstalk_targets(stars: BrightStars, *, camera: Any, model: CrosstalkModel,
                       detection_limit_mag: float | Mapping[str, float] | None = None
                       ) -> dict[str, np.ndarray]:
@@ -745,26 +881,40 @@ def crosstalk_targets(stars: BrightStars, *, camera: Any, model: CrosstalkModel,
     Returns
     -------
     dict
-        Per image: ``source`` index, ``chip`` (target chip name), ``x, y`` (target chip px),
-        ``cell`` (target cell name), ``mag`` (source mag), ``image_mag`` (the image's mag),
-        ``flux_ratio`` (``10**(-0.4 magdiff)``), ``masked`` (brighter than the limit).
+        Per image: ``source`` index, ``rule`` (index in ``model.rules``), ``chip`` (target
+        chip name), ``x, y`` (target chip px), ``cell`` (target cell name), ``mag`` (source
+        mag), ``image_mag`` (the image's mag), ``flux_ratio`` (``10**(-0.4 magdiff)``),
+        ``masked`` (brighter than the limit).
     """
     stars.locate(camera)
-    out: dict[str, list] = {k: [] for k in ("source", "chip", "x", "y", "cell", "mag",
-                                            "image_mag", "flux_ratio", "masked")}
+    keys = ("source", "rule", "chip", "x", "y", "cell", "mag", "image_mag", "flux_ratio",
+            "masked")
+    out: dict[str, list] = {k: [] for k in keys}
+
+    def result() -> dict[str, np.ndarray]:
+        res = {k: np.asarray(v) for k, v in out.items()}
+        res["source"] = res["source"].astype(int)
+        res["rule"] = res["rule"].astype(int)
+        res["chip"] = res["chip"].astype(str)
+        res["cell"] = res["cell"].astype(str)
+        res["masked"] = res["masked"].astype(bool)
+        for k in ("x", "y", "mag", "image_mag", "flux_ratio"):
+            res[k] = res[k].astype(float)
+        return res
+
     if not model.rules or len(stars) == 0:
-        return {k: np.asarray(v) for k, v in out.items()}
+        return result()
     chip_names = set(camera.chip_names)
     cols, rows = _cell_grid(camera)
     assert stars.chip is not None and stars.x is not None and stars.y is not None
     on = np.flatnonzero(stars.chip != "")
     if on.size == 0:
-        return {k: np.asarray(v) for k, v in out.items()}
+        return result()
     ic, jr, u, v = _cell_of(camera, stars.x[on], stars.y[on])
     chip_cr = [(_chip_colrow(c) or (-99, -99)) for c in stars.chip[on]]
     chip_col = np.array([c for c, _ in chip_cr])
     chip_row = np.array([r for _, r in chip_cr])
-    for rule in model.rules:
+    for ri, rule in enumerate(model.rules):
         hit = (ic >= 0) & (jr >= 0) & (chip_col >= 0)
         if rule.src_chip_col >= 0:
             hit &= chip_col == rule.src_chip_col
@@ -787,6 +937,7 @@ def crosstalk_targets(stars: BrightStars, *, camera: Any, model: CrosstalkModel,
             src = on[k]
             image_mag = stars.mag[src] + rule.magdiff
             out["source"].append(int(src))
+            out["rule"].append(ri)
             out["chip"].append(target_chip)
             out["x"].append(float(cols[t_cell] + u[k]))
             out["y"].append(float(rows[t_row] + v[k]))
@@ -795,11 +946,7 @@ def crosstalk_targets(stars: BrightStars, *, camera: Any, model: CrosstalkModel,
             out["image_mag"].append(float(image_mag))
             out["flux_ratio"].append(10.0 ** (-0.4 * rule.magdiff))
             out["masked"].append(bool(image_mag < limit))
-    res = {k: np.asarray(v) for k, v in out.items()}
-    res["source"] = res["source"].astype(int)
-    res["chip"] = res["chip"].astype(str)
-    res["masked"] = res["masked"].astype(bool)
-    return res
+    return result()
 
 
 def _dir_to_chip(camera: Any, chip: str, X: np.ndarray, Y: np.ndarray,
@@ -841,7 +988,7 @@ def artifacts_for_chip(chip: str, shape: tuple[int, int], stars: BrightStars, *,
     Returns
     -------
     list of Artifact
-        In chip pixel coordinates.
+        In chip pixel coordinates; ``source`` indexes ``stars``.
     """
     if rules is None:
         rules = default_rules(camera)
@@ -860,6 +1007,10 @@ def artifacts_for_chip(chip: str, shape: tuple[int, int], stars: BrightStars, *,
         return x1 >= -0.5 - margin and x0 <= nx - 0.5 + margin and \
             y1 >= -0.5 - margin and y0 <= ny - 0.5 + margin
 
+    def keep(a: Artifact) -> None:
+        if touches(a):
+            arts.append(a)
+
     if len(stars) and ("starcore" in enabled or "spike" in enabled):
         bright = np.flatnonzero(mag < rules.starcore.max_mag)
         if bright.size:
@@ -868,10 +1019,8 @@ def artifacts_for_chip(chip: str, shape: tuple[int, int], stars: BrightStars, *,
             if "starcore" in enabled:
                 rad = starcore_radius(mag[bright], rules.starcore)
                 for k, idx in enumerate(bright):
-                    a = Artifact("starcore", chip, xs[k], ys[k], rad[k], rad[k], 0.0,
-                                 mag=float(mag[idx]), source=int(idx))
-                    if touches(a):
-                        arts.append(a)
+                    keep(Artifact("starcore", chip, xs[k], ys[k], rad[k], rad[k], 0.0,
+                                  mag=float(mag[idx]), source=int(idx)))
             if "spike" in enabled:
                 length, width = spike_geometry(mag[bright], rules.spike,
                                                max_mag=rules.starcore.max_mag)
@@ -880,12 +1029,9 @@ def artifacts_for_chip(chip: str, shape: tuple[int, int], stars: BrightStars, *,
                     th = _dir_to_chip(camera, chip, X[bright], Y[bright],
                                       np.full(bright.size, ang0 + q * 0.5 * np.pi))
                     for k, idx in enumerate(bright):
-                        if length[k] <= 0:
-                            continue
-                        a = Artifact("spike", chip, xs[k], ys[k], length[k], width[k], th[k],
-                                     mag=float(mag[idx]), source=int(idx))
-                        if touches(a):
-                            arts.append(a)
+                        if length[k] > 0:
+                            keep(Artifact("spike", chip, xs[k], ys[k], length[k], width[k],
+                                          th[k], mag=float(mag[idx]), source=int(idx)))
 
     if len(stars) and "ghost" in enabled:
         limit = rules.ghost.max_mag.get(fkey, -np.inf)
@@ -895,12 +1041,9 @@ def artifacts_for_chip(chip: str, shape: tuple[int, int], stars: BrightStars, *,
             xg, yg = camera.focal_to_chip(chip, g["X"], g["Y"])
             th = _dir_to_chip(camera, chip, g["X"], g["Y"], g["theta"])
             for k, idx in enumerate(src):
-                a = Artifact("ghost", chip, float(xg[k]), float(yg[k]), g["a_out"][k],
-                             g["b_out"][k], th[k], a_in=g["a_in"][k], b_in=g["b_in"][k],
-                             mag=float(mag[idx]), flux_ratio=rules.ghost.flux_fraction,
-                             source=int(idx))
-                if touches(a):
-                    arts.append(a)
+                keep(Artifact("ghost", chip, float(xg[k]), float(yg[k]), g["a_out"][k],
+                              g["b_out"][k], th[k], a_in=g["a_in"][k], b_in=g["b_in"][k],
+                              mag=float(mag[idx]), source=int(idx)))
 
     if len(stars) and "glint" in enabled:
         gl = glint_geometry(X, Y, mag, extent=camera.focal_plane_extent(), rule=rules.glint,
@@ -909,34 +1052,45 @@ def artifacts_for_chip(chip: str, shape: tuple[int, int], stars: BrightStars, *,
             xs, ys = camera.focal_to_chip(chip, gl["X0"], gl["Y0"])
             th = _dir_to_chip(camera, chip, gl["X0"], gl["Y0"], gl["theta"])
             for k, idx in enumerate(gl["source"]):
-                a = Artifact("glint", chip, float(xs[k]), float(ys[k]), gl["length"][k],
-                             gl["width"][k], th[k], mag=float(mag[idx]),
-                             flux_ratio=rules.glint.surface_brightness, source=int(idx))
-                if touches(a):
-                    arts.append(a)
+                keep(Artifact("glint", chip, float(xs[k]), float(ys[k]), gl["length"][k],
+                              gl["width"][k], th[k], mag=float(mag[idx]), source=int(idx)))
 
     if len(stars) and "crosstalk" in enabled and rules.crosstalk.rules:
-        ct = crosstalk_targets(stars, camera=camera, model=rules.crosstalk,
+        xt = rules.crosstalk
+        ct = crosstalk_targets(stars, camera=camera, model=xt,
                                detection_limit_mag=detection_limit_mag)
-        sel = np.flatnonzero((ct["chip"] == chip) & ct["masked"]) if ct["source"].size else []
-        if len(sel):
-            rad = rules.starcore.rad_offset + rules.starcore.rad_exp ** (
-                rules.starcore.mag_ref - ct["mag"][sel])
+        sel = np.flatnonzero((ct["chip"] == chip) & ct["masked"])
+        if sel.size:
+            rad = crosstalk_radius(ct["mag"][sel], xt, rules.starcore)
             for k, j in enumerate(sel):
-                a = Artifact("crosstalk", chip, float(ct["x"][j]), float(ct["y"][j]),
-                             rules.crosstalk.aspect * rad[k], rad[k], 0.0,
-                             mag=float(ct["mag"][j]), flux_ratio=float(ct["flux_ratio"][j]),
-                             source=int(ct["source"][j]))
-                if touches(a):
-                    arts.append(a)
+                m = float(ct["mag"][j])
+                if rad[k] > 0:
+                    keep(Artifact("crosstalk", chip, float(ct["x"][j]), float(ct["y"][j]),
+                                  xt.aspect * rad[k], rad[k], 0.0, mag=m,
+                                  flux_ratio=float(ct["flux_ratio"][j]),
+                                  source=int(ct["source"][j]), shape="ellipse"))
+                magdiff = xt.rules[int(ct["rule"][j])].magdiff
+                if m < xt.bleed_max_mag and magdiff <= xt.bleed_max_magdiff:
+                    # the image of the source's bleed trail: a column box in the target cell
+                    _, cy0 = camera.cell_origin(str(ct["cell"][j]))
+                    lo, hi = cy0 - 0.5, cy0 + camera.cell_ny - 0.5
+                    if xt.bleed_length_slope > 0:
+                        half = 10.0 ** (xt.bleed_length_slope * (xt.bleed_length_mag_max - m))
+                        lo = max(lo, float(ct["y"][j]) - half)
+                        hi = min(hi, float(ct["y"][j]) + half)
+                    keep(Artifact("crosstalk", chip, float(ct["x"][j]), lo, hi - lo,
+                                  xt.bleed_width_slope * (xt.bleed_max_mag - m), 0.5 * math.pi,
+                                  mag=m, flux_ratio=float(ct["flux_ratio"][j]),
+                                  source=int(ct["source"][j]), shape="box"))
     return arts
 
 
 def paint_artifacts(mask: np.ndarray, artifacts: Iterable[Artifact]) -> np.ndarray:
     """OR the artefacts' bits into a ``uint16`` mask (in place; returns it).
 
-    A pixel is covered when its centre lies inside the shape: ellipses (annuli for ghosts)
-    and oriented boxes starting at ``(x, y)``. Pixel ``[j, i]`` has its centre at ``(i, j)``.
+    A pixel is covered when its centre lies inside the shape (:meth:`Artifact.inside`):
+    ellipses (annuli for ghosts) and oriented boxes starting at ``(x, y)``. Pixel ``[j, i]``
+    has its centre at ``(i, j)``.
     """
     if mask.dtype != np.uint16 or mask.ndim != 2:
         raise ValueError(f"mask: must be a 2-D uint16 array, got {mask.dtype} {mask.shape}")
@@ -948,19 +1102,8 @@ def paint_artifacts(mask: np.ndarray, artifacts: Iterable[Artifact]) -> np.ndarr
         j0, j1 = max(int(math.floor(y0)), 0), min(int(math.ceil(y1)), ny - 1)
         if i1 < i0 or j1 < j0:
             continue
-        xx = np.arange(i0, i1 + 1, dtype=float)[None, :] - a.x
-        yy = np.arange(j0, j1 + 1, dtype=float)[:, None] - a.y
-        c, s = math.cos(a.theta), math.sin(a.theta)
-        u = xx * c + yy * s
-        v = -xx * s + yy * c
-        if a.is_box:
-            inside = (u >= 0) & (u <= a.a) & (np.abs(v) <= 0.5 * a.b)
-        else:
-            if a.a <= 0 or a.b <= 0:
-                continue
-            inside = (u / a.a) ** 2 + (v / a.b) ** 2 <= 1.0
-            if a.a_in > 0 and a.b_in > 0:
-                inside &= (u / a.a_in) ** 2 + (v / a.b_in) ** 2 > 1.0
+        inside = a.inside(np.arange(i0, i1 + 1, dtype=float)[None, :],
+                          np.arange(j0, j1 + 1, dtype=float)[:, None])
         sub = mask[j0:j1 + 1, i0:i1 + 1]
         sub[inside] |= np.uint16(bit)
     return mask

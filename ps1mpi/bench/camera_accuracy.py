@@ -20,9 +20,11 @@ Figures:
 - ``zp_err_mmag``: RMS of ZPT_OBS minus the true zero point (mag for 1 e-/s);
 - ``artefact_masked_fraction``: truth artefact pixels (ghost, glint, spike, crosstalk) covered
   by the dynamic masks; ``good_masked_fraction``: other good pixels masked (star-core circles
-  excluded: masking the halo of a saturated star is intended); per kind as well. With the
-  stage's default rules (``--rules ipp``, the GPC1 psastro rules) and with rules matched to the
-  simulator's artefact models (``--rules sim``); the JSON's main keys use ``--rules``.
+  excluded: masking the halo of a saturated star is intended); per kind as well
+  (``good_masked_by_kind``: the wrongly masked pixels by the dynamic bit that covers them). The
+  masks are the camera stage's, with its default rules (``default_rules(camera)``: the camera's
+  ``<camera>_masks.toml``, the same table the simulator placed its artefacts with) and the
+  bright stars and detection limits of the calibration.
 JSON keys: astrom_rms_mas, astrom_over_crlb, zp_err_mmag, solved_fraction,
 artefact_masked_fraction, good_masked_fraction (and details).
 """
@@ -32,18 +34,15 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
 from ..algorithms import maskbits
-from ..algorithms.dynamic_masks import (BrightStars, CrosstalkModel, DynamicMaskRules,
-                                        GhostModel, default_rules, dynamic_mask_for_chip)
+from ..algorithms.dynamic_masks import BrightStars, default_rules, dynamic_mask_for_chip
 from ..stages.camera import DET_DTYPE, calibrate_exposure
 from .common import emit
 
-__all__ = ["run", "sim_matched_rules", "detections_from_truth"]
+__all__ = ["run", "detections_from_truth"]
 
 ARTEFACT_BITS = {"ghost": maskbits.GHOST, "glint": maskbits.GLINT, "spike": maskbits.SPIKE,
                  "crosstalk": maskbits.CROSSTALK}
@@ -78,30 +77,6 @@ def detections_from_truth(truth: np.ndarray, chip_index: int, *, pixel_scale: fl
     return det, st
 
 
-def sim_matched_rules(camera: Any, *, field_radius: float, band: str, sky_sigma: float,
-                      exptime: float) -> DynamicMaskRules:
-    """Dynamic-mask rules matched to the simulator's artefact models (``ps1mpi.sim.artefacts``):
-    its circular ghost at ``-p`` (drawn where brighter than half the sky noise), its
-    crosstalk between cell rows in pairs (5e-4), spikes along the focal-plane axes. Glints
-    cannot be matched: the simulator throws them from stars within 200 px of any chip edge."""
-    from ..sim.artefacts import GhostModel as SimGhost
-
-    g = SimGhost()
-    ghost = GhostModel.annulus(centre_scale=g.centre_scale, outer0=g.a0 * field_radius,
-                               outer1=g.a1, inner_ratio=g.inner_ratio, edge=g.edge)
-    # a ghost is drawn when its surface brightness exceeds the mask threshold (half the sky
-    # sigma); with the smallest annulus (source at the axis) that is the faintest source
-    r_out = g.a0 * field_radius
-    area = math.pi * r_out ** 2 * (1 - g.inner_ratio ** 2)
-    lim = -2.5 * math.log10(0.5 * sky_sigma * area / g.flux_fraction[band])
-    ghost = replace(ghost, max_mag={b: lim for b in "grizyw"})
-    base = default_rules(camera)
-    return replace(base, ghost=ghost,
-                   spike=replace(base.spike, angle_deg=0.0),
-                   crosstalk=CrosstalkModel(rules=CrosstalkModel.row_pairs(camera.ncell_y,
-                                                                            coeff=5e-4)))
-
-
 def run(argv: list[str] | None = None) -> dict:
     """Run the benchmark (see the module docstring); returns the JSON result."""
     p = argparse.ArgumentParser(prog="ps1mpi bench camera-accuracy", description=__doc__,
@@ -111,7 +86,6 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("--exposures", type=int, default=4, help="exposures simulated (max)")
     p.add_argument("--trials", type=int, default=5, help="header pointings per exposure")
     p.add_argument("--max-offset", type=float, default=5.0, help="pointing error (arcmin)")
-    p.add_argument("--rules", choices=("ipp", "sim"), default="ipp")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
 
@@ -130,9 +104,9 @@ def run(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng([args.seed, 99])
     rows = plan[: args.exposures]
     res_ast, crlb, zp_err, solved, trials = [], [], [], 0, 0
-    kinds = {"ipp": {k: [0, 0] for k in list(ARTEFACT_BITS) + ["all"]},
-             "sim": {k: [0, 0] for k in list(ARTEFACT_BITS) + ["all"]}}
-    good = {"ipp": [0, 0], "sim": [0, 0]}
+    kinds = {k: [0, 0] for k in list(ARTEFACT_BITS) + ["all"]}
+    good = [0, 0]
+    good_kind = {k: 0 for k in ARTEFACT_BITS}
     t_sim = t_cal = 0.0
     for row in rows:
         band = row["band"].decode()
@@ -168,9 +142,9 @@ def run(argv: list[str] | None = None) -> dict:
             sep = np.hypot((refcat["RA"] - float(hra)) * cd, refcat["DEC"] - float(hdec))
             ref = refcat[sep < fit_radius + 0.3]
             t0 = time.perf_counter()
-            rules_ipp = default_rules(cam)
+            rules = default_rules(cam)
             cal = calibrate_exposure(det, ref, camera=cam, guess=(float(hra), float(hdec), hpa),
-                                     mjd=mjd_mid, filter=band, exptime=exptime, rules=rules_ipp,
+                                     mjd=mjd_mid, filter=band, exptime=exptime, rules=rules,
                                      astrometry_radius_deg=fit_radius)
             t_cal += time.perf_counter() - t0
             if cal.quality:
@@ -193,42 +167,38 @@ def run(argv: list[str] | None = None) -> dict:
                 crlb.append(det["x_err"][s] * cam.pixel_scale * 1000.0)
             if t:
                 continue    # the masks depend little on the trial: measure them once
-            sky_sigma = math.sqrt(float(row["sky_e"]) + rn_e ** 2)
-            rule_sets = {"ipp": rules_ipp,
-                         "sim": sim_matched_rules(cam, field_radius=inst.field_radius, band=band,
-                                                  sky_sigma=sky_sigma, exptime=exptime)}
-            for key, rules in rule_sets.items():
-                stars = BrightStars(cal.stars[:, 0], cal.stars[:, 1], cal.stars[:, 2])
-                for k, chip in enumerate(names):
-                    tm = chips[chip].truth_mask
-                    lim = cal.limits[k]
-                    dyn = dynamic_mask_for_chip(chip, tm.shape, stars, camera=cam, rules=rules,
-                                                filter=band,
-                                                detection_limit_mag=None if not np.isfinite(lim)
-                                                else float(lim)) if len(stars) else \
-                        np.zeros(tm.shape, np.uint16)
-                    art_all = (tm & sum(ARTEFACT_BITS.values())) != 0
-                    covered = dyn != 0
-                    for kind, bit in ARTEFACT_BITS.items():
-                        a = (tm & bit) != 0
-                        kinds[key][kind][0] += int(np.count_nonzero(a & covered))
-                        kinds[key][kind][1] += int(np.count_nonzero(a))
-                    kinds[key]["all"][0] += int(np.count_nonzero(art_all & covered))
-                    kinds[key]["all"][1] += int(np.count_nonzero(art_all))
-                    ok = ~art_all & ((tm & maskbits.STATIC) == 0)
-                    err = (dyn & ~np.uint16(maskbits.STARCORE)) != 0
-                    good[key][0] += int(np.count_nonzero(ok & err))
-                    good[key][1] += int(np.count_nonzero(ok))
+            stars = BrightStars(cal.stars[:, 0], cal.stars[:, 1], cal.stars[:, 2])
+            for k, chip in enumerate(names):
+                tm = chips[chip].truth_mask
+                lim = cal.limits[k]
+                dyn = dynamic_mask_for_chip(chip, tm.shape, stars, camera=cam, rules=rules,
+                                            filter=band,
+                                            detection_limit_mag=None if not np.isfinite(lim)
+                                            else float(lim)) if len(stars) else \
+                    np.zeros(tm.shape, np.uint16)
+                art_all = (tm & sum(ARTEFACT_BITS.values())) != 0
+                covered = dyn != 0
+                for kind, bit in ARTEFACT_BITS.items():
+                    a = (tm & bit) != 0
+                    kinds[kind][0] += int(np.count_nonzero(a & covered))
+                    kinds[kind][1] += int(np.count_nonzero(a))
+                kinds["all"][0] += int(np.count_nonzero(art_all & covered))
+                kinds["all"][1] += int(np.count_nonzero(art_all))
+                ok = ~art_all & ((tm & maskbits.STATIC) == 0)
+                err = ok & ((dyn & ~np.uint16(maskbits.STARCORE)) != 0)
+                good[0] += int(np.count_nonzero(err))
+                good[1] += int(np.count_nonzero(ok))
+                for kind, bit in ARTEFACT_BITS.items():
+                    good_kind[kind] += int(np.count_nonzero(err & ((dyn & bit) != 0)))
     res = np.concatenate(res_ast) if res_ast else np.zeros((0, 2))
     bound = np.concatenate(crlb) if crlb else np.zeros(0)
     rms_axis = float(np.sqrt(np.mean(res ** 2))) if res.size else float("nan")
     crlb_axis = float(np.sqrt(np.mean(bound ** 2))) if bound.size else float("nan")
-    frac = {key: {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in d.items()}
-            for key, d in kinds.items()}
-    good_frac = {key: (v[0] / v[1] if v[1] else float("nan")) for key, v in good.items()}
+    frac = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in kinds.items()}
+    good_frac = good[0] / good[1] if good[1] else float("nan")
     result = {
         "preset": args.preset, "camera": args.camera, "exposures": int(rows.size),
-        "trials": trials, "max_offset_arcmin": args.max_offset, "rules": args.rules,
+        "trials": trials, "max_offset_arcmin": args.max_offset,
         "solved_fraction": solved / trials if trials else float("nan"),
         "astrom_rms_mas": rms_axis, "astrom_crlb_mas": crlb_axis,
         "astrom_over_crlb": rms_axis / crlb_axis if crlb_axis > 0 else float("nan"),
@@ -237,12 +207,12 @@ def run(argv: list[str] | None = None) -> dict:
         "zp_err_mmag": float(np.sqrt(np.mean(np.square(zp_err)))) * 1000 if zp_err
         else float("nan"),
         "zp_bias_mmag": float(np.mean(zp_err)) * 1000 if zp_err else float("nan"),
-        "artefact_masked_fraction": frac[args.rules]["all"],
-        "good_masked_fraction": good_frac[args.rules],
-        "artefact_masked_by_kind": frac[args.rules],
-        "artefact_pixels": {k: v[1] for k, v in kinds[args.rules].items()},
-        "artefact_masked_fraction_other_rules": frac["sim" if args.rules == "ipp" else "ipp"],
-        "good_masked_fraction_other_rules": good_frac["sim" if args.rules == "ipp" else "ipp"],
+        "artefact_masked_fraction": frac["all"],
+        "good_masked_fraction": good_frac,
+        "artefact_masked_by_kind": frac,
+        "artefact_pixels": {k: v[1] for k, v in kinds.items()},
+        "good_masked_by_kind": {k: (v / good[1] if good[1] else float("nan"))
+                                for k, v in good_kind.items()},
         "sim_s": t_sim, "calibrate_s_per_trial": t_cal / max(trials, 1),
         "wall_s": time.perf_counter() - t_all,
     }
@@ -252,8 +222,8 @@ def run(argv: list[str] | None = None) -> dict:
           f"{rms_axis:.2f} mas per axis, bound {crlb_axis:.2f} mas, ratio "
           f"{result['astrom_over_crlb']:.3f}; zero point RMS error {result['zp_err_mmag']:.2f} "
           f"mmag", flush=True)
-    for key in ("ipp", "sim"):
-        print(f"dynamic masks ({key} rules): " + ", ".join(
-            f"{k} {v:.1%}" for k, v in frac[key].items()) + f"; good pixels masked "
-            f"{good_frac[key]:.3%}", flush=True)
+    print("dynamic masks (default rules): truth artefact pixels covered " + ", ".join(
+        f"{k} {v:.1%} of {kinds[k][1]}" for k, v in frac.items()) + f"; good pixels masked "
+        f"{good_frac:.3%} (" + ", ".join(f"{k} {v / max(good[1], 1):.3%}"
+                                         for k, v in good_kind.items()) + ")", flush=True)
     return emit(result)

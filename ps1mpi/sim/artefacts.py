@@ -1,111 +1,358 @@
-"""Artefacts the simulator puts into images, with the models that define them.
+"""Artefacts the simulator puts into images.
 
-The parameters live in small dataclasses so that the camera stage's dynamic masking can use the
-same physics (see ``docs/sim.md``):
+Bright-star artefacts are *placed* by the camera's dynamic-mask rule table
+(``ps1mpi/data/cameras/<camera>_masks.toml``, :func:`ps1mpi.algorithms.dynamic_masks.default_rules`)
+through the same geometry the camera stage masks with
+(:func:`~ps1mpi.algorithms.dynamic_masks.artifacts_for_chip`,
+:func:`~ps1mpi.algorithms.dynamic_masks.crosstalk_targets`); this module decides only how bright
+they are (:class:`ArtefactLight`) and draws every light profile *inside* its shape, so whatever
+the truth mask marks lies inside the predicted footprint (see ``docs/sim.md``):
 
-* :class:`GhostModel` - optical ghosts: a bright star at focal-plane position ``p`` puts a
-  uniform annulus (doughnut) centred at ``-centre_scale * p`` with outer radius
-  ``r_field (a0 + a1 rho)`` (``rho = |p| / r_field``) and inner radius ``inner_ratio`` times
-  that; it carries ``flux_fraction[filter]`` of the star's flux.
-* :class:`GlintModel` - glints: a star brighter than instrumental magnitude ``-16.8`` lying
-  outside a chip but within ``reach`` pixels of its edge throws a streak from the nearest edge
-  point straight into the chip, length ``1901 (-16.8 - m_inst)`` pixels (IPP rule,
-  ``m_inst = -2.5 log10(counts / s)``), Gaussian cross-section of sigma ``sigma`` px, carrying
-  ``flux_fraction`` of the star's flux, fading linearly along its length.
-* :class:`SpikeModel` - diffraction spikes along the focal-plane axes: surface brightness
-  ``F k / (d + d0)^2`` along each of the four spikes (``d`` distance from the star), Gaussian
-  width ``sigma``.
-* crosstalk - :func:`crosstalk_rules`: within an OTA the signal of cell ``xyIJ`` leaks into
-  cell ``xyI(J xor 1)`` (the cell sharing its video channel pair) with coefficient ``coeff``,
-  at the same cell pixel coordinates.
-* cosmic rays - :func:`add_cosmic_rays`: straight tracks through a 75 um thick detector.
-* saturation and bleeding - :func:`bleed_columns`: charge above the full well spills up and
-  down the column, within the cell.
+* ghosts -- a uniform elliptical annulus carrying ``ghost_flux_fraction[filter]`` of the star's
+  flux, soft edges ``ghost_edge`` px wide inside the annulus;
+* glints -- a flat-topped streak of surface brightness ``glint_sb`` times the star's flux per
+  px^2, ramps over ``glint_edge`` of the width at both sides, fading to zero over the last
+  ``glint_taper`` of its length;
+* diffraction spikes -- line density ``spike_k F / (d + spike_d0)^2`` (``d`` from the star,
+  starting beyond ``spike_d0``) with a ``cos^2`` cross-section filling the rule's width, fading to
+  zero over the last ``spike_taper`` of the rule's length;
+* saturated-star cores -- no light of their own (the star saturates and bleeds by itself); the
+  truth records the rule's circle;
+* crosstalk -- electronic: :func:`crosstalk_rules` turns the table's chip-independent
+  intra-chip couplings into the instrument's cell-to-cell coefficients (the whole cell's signal
+  leaks); couplings specific to a chip or between chips are drawn by
+  :mod:`ps1mpi.sim.exposure` as images of the bright stars (:func:`crosstalk_image`).
+
+The rules' magnitude limits are *not* used to decide which stars make artefacts: every star
+whose artefact could reach ``visible_fraction`` of the mask threshold gets one
+(:func:`artefact_sources`, :func:`placement_rules`), so the benchmark
+``ps1mpi bench camera-accuracy`` tests the limits against the physics.
+
+Also here: cosmic rays (:func:`add_cosmic_rays`, straight tracks through a 75 um thick
+detector) and saturation bleeding (:func:`bleed_columns`, charge above the full well spills up
+and down the column, within the cell).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 import numpy as np
 
+from ps1mpi.algorithms.dynamic_masks import (Artifact, DynamicMaskRules, default_rules,
+                                             ghost_geometry)
+
 __all__ = [
-    "GhostModel", "GlintModel", "SpikeModel", "CosmicRayModel", "crosstalk_rules",
-    "add_cosmic_rays", "bleed_columns", "render_ghost", "render_glint", "render_spikes",
-    "glint_segments",
+    "ArtefactLight", "CosmicRayModel", "artefact_sources", "placement_rules", "render_artifact",
+    "crosstalk_rules", "crosstalk_image", "add_cosmic_rays", "bleed_columns",
 ]
 
 
-@dataclass
-class GhostModel:
-    """Optical ghost of a bright star (see module docstring).
+@dataclass(frozen=True)
+class ArtefactLight:
+    """How bright the simulated bright-star artefacts are (where and how big: the rules).
 
     Attributes
     ----------
-    centre_scale : float
-        Ghost centre = ``-centre_scale * p`` (focal-plane pixels).
-    a0, a1 : float
-        Outer radius = ``r_field * (a0 + a1 * rho)``.
-    inner_ratio : float
-        Inner radius / outer radius.
-    edge : float
-        Width of the soft edge as a fraction of the outer radius.
-    flux_fraction : dict
-        Fraction of the star's flux in the ghost, per filter.
+    ghost_flux_fraction : dict
+        Fraction of the star's flux in its ghost, per filter.
+    ghost_edge : float
+        Width of the soft edges of the ghost annulus, inside it (px).
+    glint_sb : float
+        Glint surface brightness as a fraction of the star's total flux per px^2.
+    glint_edge : float
+        Width of each side ramp of the glint cross-section, as a fraction of its width.
+    glint_taper : float
+        Fraction of the glint's length over which it fades to zero at its far end.
+    spike_k : float
+        Spike line density ``spike_k F / (d + spike_d0)^2`` (e- per px of length; ``F`` the
+        star's flux in e-, ``d`` px from the star).
+    spike_d0 : float
+        Softening of the spike profile, and where it starts (px from the star).
+    spike_taper : float
+        Fraction of the spike's length over which it fades to zero at its end.
+    visible_fraction : float
+        Stars whose artefact's brightest light exceeds this fraction of the mask threshold get
+        one (fainter ones are left out as invisible).
+    crosstalk_core : float
+        A crosstalk image is recorded (and drawn for chip-specific couplings) when its flux
+        exceeds this many times the mask threshold (e-): the light of a PSF core at 0.5 sky
+        sigma.
     """
 
-    centre_scale: float = 1.0
-    a0: float = 0.02
-    a1: float = 0.05
-    inner_ratio: float = 0.5
-    edge: float = 0.05
-    flux_fraction: dict = field(default_factory=lambda: {"g": 0.006, "r": 0.005, "i": 0.004,
-                                                          "z": 0.004, "y": 0.004, "w": 0.005})
+    ghost_flux_fraction: Mapping[str, float] = field(default_factory=lambda: {
+        "g": 0.006, "r": 0.005, "i": 0.004, "z": 0.004, "y": 0.004, "w": 0.005})
+    ghost_edge: float = 3.0
+    glint_sb: float = 5.0e-8
+    glint_edge: float = 0.05
+    glint_taper: float = 0.2
+    spike_k: float = 0.01
+    spike_d0: float = 6.0
+    spike_taper: float = 0.2
+    visible_fraction: float = 0.1
+    crosstalk_core: float = 20.0
 
-    def geometry(self, X, Y, field_radius: float):
-        """Ghost centre and radii (focal-plane pixels) for stars at (X, Y)."""
-        X = np.asarray(X, dtype=np.float64)
-        Y = np.asarray(Y, dtype=np.float64)
-        rho = np.hypot(X, Y) / field_radius
-        r_out = field_radius * (self.a0 + self.a1 * rho)
-        return -self.centre_scale * X, -self.centre_scale * Y, self.inner_ratio * r_out, r_out
+    def ghost_sb(self, flux: np.ndarray, band: str, a_in: np.ndarray, b_in: np.ndarray,
+                 a_out: np.ndarray, b_out: np.ndarray) -> np.ndarray:
+        """Surface brightness (e-/px) of ghosts of stars of ``flux`` (e-) with these semi-axes
+        (px); 0 for empty annuli."""
+        area = np.pi * (np.asarray(a_out) * b_out - np.asarray(a_in) * b_in)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sb = np.asarray(flux, dtype=float) * self.ghost_flux_fraction[band] / area
+        return np.where(area > 0, sb, 0.0)
 
-    def surface_brightness(self, flux, band: str, r_in, r_out):
-        """Mean surface brightness (e- per pixel) inside the annulus."""
-        return np.asarray(flux) * self.flux_fraction[band] / (np.pi * (np.asarray(r_out) ** 2
-                                                                        - np.asarray(r_in) ** 2))
-
-
-@dataclass
-class GlintModel:
-    """Glint streaks (see module docstring)."""
-
-    mag_zero: float = -16.8
-    length_per_mag: float = 1901.0
-    reach: float = 200.0
-    sigma: float = 15.0
-    mask_width: float = 80.0
-    flux_fraction: float = 2e-3
-
-    def length(self, m_inst):
-        """Streak length (pixels) for instrumental magnitudes (<= 0 means no glint)."""
-        return self.length_per_mag * (self.mag_zero - np.asarray(m_inst, dtype=np.float64))
+    def spike_peak(self, flux: np.ndarray, width: np.ndarray) -> np.ndarray:
+        """Brightest spike surface brightness (e-/px), where the spike starts."""
+        return 2.0 * self.spike_k * np.asarray(flux, dtype=float) / (
+            np.maximum(np.asarray(width, dtype=float), 1e-9) * (2.0 * self.spike_d0) ** 2)
 
 
-@dataclass
-class SpikeModel:
-    """Diffraction spikes (see module docstring)."""
+def placement_rules(rules: DynamicMaskRules) -> DynamicMaskRules:
+    """The rules with the ghost and glint magnitude limits opened: the simulator places the
+    artefacts of every star its physics makes visible (:func:`artefact_sources` chooses them),
+    with the rules' geometry."""
+    inf = {b: math.inf for b in ("g", "r", "i", "z", "y", "w")}
+    return replace(rules, ghost=replace(rules.ghost, max_mag=inf),
+                   glint=replace(rules.glint, max_mag=inf),
+                   enabled=("ghost", "glint", "starcore", "spike", "crosstalk"))
 
-    k: float = 0.003
-    d0: float = 6.0
-    sigma: float = 1.0
-    max_length: float = 2000.0
 
-    def length(self, flux, threshold: float):
-        """Distance (pixels) at which a spike falls below ``threshold`` e-/pixel (peak of the
-        cross-section)."""
-        peak = self.k * np.asarray(flux, dtype=np.float64) / (np.sqrt(2 * np.pi) * self.sigma)
-        return np.clip(np.sqrt(np.maximum(peak / max(threshold, 1e-9), 0.0)) - self.d0, 0.0, self.max_length)
+def artefact_sources(rules: DynamicMaskRules, light: ArtefactLight, X: np.ndarray,
+                     Y: np.ndarray, flux: np.ndarray, *, band: str, threshold: float
+                     ) -> dict[str, np.ndarray]:
+    """Which stars make which artefacts.
+
+    Parameters
+    ----------
+    rules : DynamicMaskRules
+        The camera's table (geometry).
+    light : ArtefactLight
+        Brightness of the artefacts.
+    X, Y : ndarray
+        Focal-plane positions of the stars (px from the optical axis).
+    flux : ndarray
+        Their flux in the exposure (e-).
+    band : str
+        Filter.
+    threshold : float
+        Truth-mask threshold (e- per px): 0.5 sky sigma.
+
+    Returns
+    -------
+    dict
+        Indices into the inputs for ``starcore`` and ``spike`` (brighter than the star-core
+        limit; the spike length law decides the rest), ``ghost`` (ghost surface brightness
+        above ``visible_fraction * threshold``), ``glint`` (glint surface brightness above it
+        and a positive length) and ``crosstalk`` (image flux above ``crosstalk_core *
+        threshold`` through the strongest coupling).
+    """
+    X = np.asarray(X, dtype=float)
+    Y = np.asarray(Y, dtype=float)
+    F = np.asarray(flux, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = np.where(F > 0, -2.5 * np.log10(np.maximum(F, 1e-300)), np.inf)
+    vis = light.visible_fraction * float(threshold)
+    out: dict[str, np.ndarray] = {}
+    out["starcore"] = out["spike"] = np.flatnonzero(m < rules.starcore.max_mag)
+    # ghosts: the annulus axes depend on the source radius only; the smallest annulus over the
+    # field bounds the surface brightness, so only stars that could pass are looked at closely
+    rr = np.linspace(0.0, float(np.hypot(X, Y).max()) if X.size else 0.0, 257)
+    g0 = ghost_geometry(rr, np.zeros_like(rr), rules.ghost)
+    a_min = max(float(np.min(np.pi * (g0["a_out"] * g0["b_out"] - g0["a_in"] * g0["b_in"]))), 0.0)
+    cand = np.flatnonzero(F * light.ghost_flux_fraction[band] > vis * a_min)
+    g = ghost_geometry(X[cand], Y[cand], rules.ghost)
+    sb = light.ghost_sb(F[cand], band, g["a_in"], g["b_in"], g["a_out"], g["b_out"])
+    out["ghost"] = cand[sb > vis]
+    out["glint"] = np.flatnonzero((light.glint_sb * F > vis) & (m < rules.glint.length_zero))
+    if rules.crosstalk.rules:
+        coupling = 10.0 ** (-0.4 * min(r.magdiff for r in rules.crosstalk.rules))
+        out["crosstalk"] = np.flatnonzero(coupling * F > light.crosstalk_core * float(threshold))
+    else:
+        out["crosstalk"] = np.zeros(0, int)
+    return out
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _grid(shape: tuple[int, int], bbox: tuple[float, float, float, float]
+          ) -> tuple[slice, slice, np.ndarray, np.ndarray] | None:
+    """Pixel-centre grid of a bounding box clipped to an image."""
+    ny, nx = shape
+    x0, x1, y0, y1 = bbox
+    i0, i1 = max(int(math.floor(x0)), 0), min(int(math.ceil(x1)), nx - 1)
+    j0, j1 = max(int(math.floor(y0)), 0), min(int(math.ceil(y1)), ny - 1)
+    if i1 < i0 or j1 < j0:
+        return None
+    xx = np.arange(i0, i1 + 1, dtype=float)[None, :]
+    yy = np.arange(j0, j1 + 1, dtype=float)[:, None]
+    return slice(j0, j1 + 1), slice(i0, i1 + 1), xx, yy
+
+
+def _boundary_radius(phi: np.ndarray, a: float, b: float) -> np.ndarray:
+    """Distance from an ellipse's centre to its edge in the direction ``phi`` (its frame)."""
+    return 1.0 / np.sqrt((np.cos(phi) / a) ** 2 + (np.sin(phi) / b) ** 2)
+
+
+def _box_pieces(shape: tuple[int, int], a: Artifact, step: float = 256.0):
+    """A box artefact cut along its length into pieces of at most ``step`` px (so a long
+    diagonal box never makes a grid of its whole bounding box): yields
+    ``(sy, sx, u, v, in_piece)``."""
+    n = max(1, int(math.ceil(a.a / step)))
+    for k in range(n):
+        u0, u1 = a.a * k / n, a.a * (k + 1) / n
+        piece = replace(a, x=a.x + u0 * math.cos(a.theta), y=a.y + u0 * math.sin(a.theta),
+                        a=u1 - u0)
+        g = _grid(shape, piece.bbox())
+        if g is None:
+            continue
+        sy, sx, xx, yy = g
+        u, v = a.frame(xx, yy)
+        sel = (u >= u0) & ((u < u1) | ((k == n - 1) & (u <= u1))) & (np.abs(v) <= 0.5 * a.b)
+        if sel.any():
+            yield sy, sx, u, v, sel
+
+
+def render_artifact(image: np.ndarray, art: Artifact, flux: float, *, light: ArtefactLight,
+                    band: str) -> list[tuple[slice, slice, np.ndarray]]:
+    """Add the light of one placed artefact to ``image`` (e-, in place).
+
+    Parameters
+    ----------
+    image : ndarray
+        Chip image (e- on a unit-response detector), ``(ny, nx)``.
+    art : Artifact
+        The artefact in this chip's frame (from
+        :func:`~ps1mpi.algorithms.dynamic_masks.artifacts_for_chip`).
+    flux : float
+        Flux of its source star in the exposure (e-).
+    light : ArtefactLight
+        Brightness parameters.
+    band : str
+        Filter.
+
+    Returns
+    -------
+    list of (slice, slice, ndarray)
+        The boxes touched and the values added there (e-); nothing for star cores and
+        crosstalk (electronic, see :func:`crosstalk_image`). All light lies at pixel centres
+        inside the artefact's shape (:meth:`Artifact.inside`).
+    """
+    out: list[tuple[slice, slice, np.ndarray]] = []
+    F = float(flux)
+    if art.kind == "ghost":
+        if art.a <= 0 or art.b <= 0:
+            return out
+        sb = float(light.ghost_sb(F, band, art.a_in, art.b_in, art.a, art.b))
+        g = _grid(image.shape, art.bbox())
+        if g is None or sb <= 0:
+            return out
+        sy, sx, xx, yy = g
+        u, v = art.frame(xx, yy)
+        rho, phi = np.hypot(u, v), np.arctan2(v, u)
+        prof = _smoothstep((_boundary_radius(phi, art.a, art.b) - rho) / light.ghost_edge)
+        if art.a_in > 0 and art.b_in > 0:
+            prof *= _smoothstep((rho - _boundary_radius(phi, art.a_in, art.b_in))
+                                / light.ghost_edge)
+        add = (sb * prof).astype(np.float32)
+        image[sy, sx] += add
+        out.append((sy, sx, add))
+    elif art.kind == "glint":
+        sb = light.glint_sb * F
+        ramp = max(light.glint_edge * art.b, 1e-6)
+        taper = max(light.glint_taper * art.a, 1e-6)
+        for sy, sx, u, v, sel in _box_pieces(image.shape, art):
+            prof = _smoothstep((0.5 * art.b - np.abs(v)) / ramp) * _smoothstep((art.a - u) / taper)
+            add = np.where(sel, sb * prof, 0.0).astype(np.float32)
+            image[sy, sx] += add
+            out.append((sy, sx, add))
+    elif art.kind == "spike":
+        d0 = light.spike_d0
+        taper = max(light.spike_taper * art.a, 1e-6)
+        for sy, sx, u, v, sel in _box_pieces(image.shape, art):
+            dens = light.spike_k * F / (np.maximum(u, 0.0) + d0) ** 2 * _smoothstep((art.a - u) / taper)
+            across = (2.0 / art.b) * np.cos(np.pi * v / art.b) ** 2
+            add = np.where(sel & (u >= d0), dens * across, 0.0).astype(np.float32)
+            image[sy, sx] += add
+            out.append((sy, sx, add))
+    return out
+
+
+def crosstalk_rules(camera: Any, *, coeff: float | None = None,
+                    rules: DynamicMaskRules | None = None) -> list[tuple[str, str, float]]:
+    """The instrument's crosstalk: ``(source cell, victim cell, coefficient)``.
+
+    The chip-independent intra-chip couplings of the camera's rule table (``rules``, default
+    :func:`~ps1mpi.algorithms.dynamic_masks.default_rules` of the camera): the victim receives
+    ``10 ** (-0.4 magdiff)`` times the source cell's signal (ADU) at the same cell pixel
+    coordinates. Couplings tied to a chip column or reaching another chip are not cell-to-cell
+    coefficients of every chip; :mod:`ps1mpi.sim.exposure` draws them (:func:`crosstalk_image`).
+
+    Parameters
+    ----------
+    camera : Camera
+        Camera geometry.
+    coeff : float, optional
+        The coefficient the caller expects (the :class:`~ps1mpi.sim.instrument.Instrument`
+        passes its ``crosstalk_coeff``): every coupling must equal it.
+    rules : DynamicMaskRules, optional
+        The rule table.
+
+    Raises
+    ------
+    ValueError
+        When ``coeff`` disagrees with the table.
+    """
+    rules = rules or default_rules(camera)
+    out = []
+    for r in rules.crosstalk.rules:
+        if not r.chip_independent:
+            continue
+        c = float(f"{10.0 ** (-0.4 * r.magdiff):.12g}")
+        if coeff is not None and not math.isclose(c, coeff, rel_tol=1e-6):
+            raise ValueError(f"crosstalk coefficient {coeff!r} disagrees with the "
+                             f"{getattr(camera, 'name', camera)} rule table "
+                             f"(magdiff {r.magdiff} = {c:.6g}): the couplings come from "
+                             "<camera>_masks.toml")
+        for i in range(camera.ncell_x):
+            for j in range(camera.ncell_y):
+                if (r.src_cell_col >= 0 and i != r.src_cell_col) or \
+                        (r.src_cell_row >= 0 and j != r.src_cell_row):
+                    continue
+                ti, tj = i + r.dcell_col, j + r.dcell_row
+                if 0 <= ti < camera.ncell_x and 0 <= tj < camera.ncell_y and (ti, tj) != (i, j):
+                    out.append((f"xy{i}{j}", f"xy{ti}{tj}", c))
+    return out
+
+
+def crosstalk_image(stamp: np.ndarray, flux: float, ratio: float, *, full_well: float,
+                    gain: float) -> np.ndarray:
+    """ADU that a star's readout puts into a victim cell through a coupling ``ratio``.
+
+    Parameters
+    ----------
+    stamp : ndarray
+        The star's pixel-integrated unit-flux PSF stamp as read out in its own cell.
+    flux : float
+        Its flux (e-).
+    ratio : float
+        Coupling (victim ADU per source ADU).
+    full_well : float
+        Source pixel capacity (e-): saturated pixels couple their full well.
+    gain : float
+        Source cell gain (e-/ADU).
+
+    Returns
+    -------
+    ndarray
+        The image (ADU), same shape as ``stamp``.
+    """
+    return (np.minimum(np.asarray(stamp, dtype=float) * float(flux), full_well) / gain
+            * ratio).astype(np.float32)
 
 
 @dataclass
@@ -128,22 +375,6 @@ class CosmicRayModel:
     thickness_um: float = 75.0
     e_per_um: float = 80.0
     spread: float = 0.35
-
-
-def crosstalk_rules(camera, *, coeff: float = 5e-4) -> list[tuple[str, str, float]]:
-    """Crosstalk rules of a camera: ``(source cell, victim cell, coefficient)``.
-
-    Within each OTA cell ``xyIJ`` leaks into ``xyI(J xor 1)`` (pairs of cells sharing a video
-    channel), the victim receiving ``coeff`` times the source's signal (ADU) at the same cell
-    pixel coordinates. Cameras with an odd number of cell rows leave the last row without a pair.
-    """
-    rules = []
-    for i in range(camera.ncell_x):
-        for j in range(camera.ncell_y):
-            k = j ^ 1
-            if k < camera.ncell_y:
-                rules.append((f"xy{i}{j}", f"xy{i}{k}", float(coeff)))
-    return rules
 
 
 def add_cosmic_rays(image: np.ndarray, rng: np.random.Generator, *, exptime: float, pixel_size_um: float,
@@ -313,111 +544,3 @@ def bleed_columns(cell: np.ndarray, full_well: float) -> tuple[np.ndarray, np.nd
     return saturated, bled
 
 
-def _smoothstep(t):
-    t = np.clip(t, 0.0, 1.0)
-    return t * t * (3 - 2 * t)
-
-
-def render_ghost(image: np.ndarray, xc: float, yc: float, r_in: float, r_out: float, sb: float,
-                 edge: float) -> tuple[slice, slice, np.ndarray] | None:
-    """Add a uniform annulus of surface brightness ``sb`` (e-/px) centred at chip pixel
-    (xc, yc) with soft edges of width ``edge`` (px). Returns the box and the added values."""
-    ny, nx = image.shape
-    R = r_out + edge
-    x0, x1 = max(int(np.floor(xc - R)), 0), min(int(np.ceil(xc + R)) + 1, nx)
-    y0, y1 = max(int(np.floor(yc - R)), 0), min(int(np.ceil(yc + R)) + 1, ny)
-    if x0 >= x1 or y0 >= y1:
-        return None
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    r = np.hypot(xx - xc, yy - yc)
-    prof = _smoothstep((r_out + edge / 2 - r) / edge) * _smoothstep((r - r_in + edge / 2) / edge)
-    add = (sb * prof).astype(np.float32)
-    image[y0:y1, x0:x1] += add
-    return slice(y0, y1), slice(x0, x1), add
-
-
-def glint_segments(camera, chip: str, X, Y, m_inst, *, model: GlintModel):
-    """Glints thrown onto ``chip`` by stars at focal-plane positions (X, Y).
-
-    Returns a list of ``(k, x_start, y_start, ux, uy, length)`` in chip pixels: the star index,
-    the streak's start on the chip edge, its unit direction into the chip and its length.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    Y = np.asarray(Y, dtype=np.float64)
-    L = model.length(m_inst)
-    cand = np.flatnonzero(L > 0)
-    out = []
-    if cand.size == 0:
-        return out
-    x, y = camera.focal_to_chip(chip, X[cand], Y[cand])
-    nx, ny = camera.chip_nx, camera.chip_ny
-    lo_x, hi_x, lo_y, hi_y = -0.5, nx - 0.5, -0.5, ny - 0.5
-    for k, xi, yi in zip(cand, x, y):
-        inside_x = lo_x <= xi <= hi_x
-        inside_y = lo_y <= yi <= hi_y
-        if inside_x and inside_y:
-            continue
-        # the star must face one edge: outside in exactly one coordinate
-        if inside_y and xi < lo_x and lo_x - xi <= model.reach:
-            out.append((int(k), lo_x, yi, 1.0, 0.0, float(L[k])))
-        elif inside_y and xi > hi_x and xi - hi_x <= model.reach:
-            out.append((int(k), hi_x, yi, -1.0, 0.0, float(L[k])))
-        elif inside_x and yi < lo_y and lo_y - yi <= model.reach:
-            out.append((int(k), xi, lo_y, 0.0, 1.0, float(L[k])))
-        elif inside_x and yi > hi_y and yi - hi_y <= model.reach:
-            out.append((int(k), xi, hi_y, 0.0, -1.0, float(L[k])))
-    return out
-
-
-def render_glint(image: np.ndarray, xs: float, ys: float, ux: float, uy: float, length: float,
-                 flux: float, model: GlintModel):
-    """Add a glint streak; returns (box slices, added values) or None."""
-    ny, nx = image.shape
-    half = 4 * model.sigma
-    xe, ye = xs + ux * length, ys + uy * length
-    x0 = max(int(np.floor(min(xs, xe) - half)), 0)
-    x1 = min(int(np.ceil(max(xs, xe) + half)) + 1, nx)
-    y0 = max(int(np.floor(min(ys, ye) - half)), 0)
-    y1 = min(int(np.ceil(max(ys, ye) + half)) + 1, ny)
-    if x0 >= x1 or y0 >= y1:
-        return None
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    along = (xx - xs) * ux + (yy - ys) * uy
-    across = -(xx - xs) * uy + (yy - ys) * ux
-    total = model.flux_fraction * flux
-    # linear fade: surface density along the streak 2 (1 - t) / L per unit length
-    t = along / length
-    dens = np.where((t >= 0) & (t <= 1), 2.0 * (1 - t) / length, 0.0)
-    prof = np.exp(-0.5 * (across / model.sigma) ** 2) / (np.sqrt(2 * np.pi) * model.sigma)
-    add = (total * dens * prof).astype(np.float32)
-    image[y0:y1, x0:x1] += add
-    return slice(y0, y1), slice(x0, x1), add
-
-
-def render_spikes(image: np.ndarray, xc: float, yc: float, flux: float, length: float, model: SpikeModel):
-    """Add four diffraction spikes along +-x and +-y of the chip; returns list of (box, values)."""
-    ny, nx = image.shape
-    out = []
-    if length <= 0:
-        return out
-    half = int(np.ceil(4 * model.sigma))
-    amp = model.k * flux / (np.sqrt(2 * np.pi) * model.sigma)
-    for ux, uy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-        xe, ye = xc + ux * (length + model.d0), yc + uy * (length + model.d0)
-        x0 = max(int(np.floor(min(xc, xe) - half)), 0)
-        x1 = min(int(np.ceil(max(xc, xe) + half)) + 1, nx)
-        y0 = max(int(np.floor(min(yc, ye) - half)), 0)
-        y1 = min(int(np.ceil(max(yc, ye) + half)) + 1, ny)
-        if x0 >= x1 or y0 >= y1:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        along = (xx - xc) * ux + (yy - yc) * uy
-        across = -(xx - xc) * uy + (yy - yc) * ux
-        d = np.maximum(along, 0.0)
-        # start beyond the core (the PSF dominates there) and stop at the length
-        inside = (along > 2.0 * model.d0) & (along <= length + model.d0)
-        add = np.where(inside, amp / (d + model.d0) ** 2 * np.exp(-0.5 * (across / model.sigma) ** 2), 0.0)
-        add = add.astype(np.float32)
-        image[y0:y1, x0:x1] += add
-        out.append((slice(y0, y1), slice(x0, x1), add))
-    return out

@@ -2,25 +2,32 @@
 
 :func:`exposure_context` prepares what every chip of an exposure shares (the true focal-plane
 model, the PSF, the sources in the field with their focal-plane positions and fluxes at the
-time of the exposure, the bright stars that make artefacts); :func:`simulate_chip` renders one
-chip: sky with gradient and fringes, stars, galaxies, transients and moving objects through
-the PSF, diffraction spikes, optical ghosts and glints, then the detector
-(:func:`ps1mpi.sim.instrument.expose_chip`), and returns the raw cells, their headers and the
-truth (source table, truth mask, artefact table, true WCS).
+time of the exposure, the stars that make artefacts and their crosstalk images);
+:func:`simulate_chip` renders one chip: sky with gradient and fringes, stars, galaxies,
+transients and moving objects through the PSF, the bright-star artefacts (diffraction spikes,
+optical ghosts, glints) placed by the camera's dynamic-mask rule table -- the geometry the
+camera stage masks with (:func:`ps1mpi.algorithms.dynamic_masks.artifacts_for_chip`) -- with the
+brightness of :class:`ps1mpi.sim.artefacts.ArtefactLight`, then the detector
+(:func:`ps1mpi.sim.instrument.expose_chip`, whose cell-to-cell crosstalk is the table's
+chip-independent part; the table's other couplings are drawn as images of the bright stars),
+and returns the raw cells, their headers and the truth (source table, truth mask, artefact
+table, true WCS).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ps1mpi.algorithms import maskbits
+from ps1mpi.algorithms.dynamic_masks import (KIND_BITS, BrightStars, DynamicMaskRules,
+                                             artifacts_for_chip, crosstalk_targets, default_rules)
 from ps1mpi.geometry.focalplane import Distortion, FocalPlaneModel
 from ps1mpi.sim import psf as P
-from ps1mpi.sim.artefacts import (GhostModel, GlintModel, SpikeModel, glint_segments, render_ghost,
-                                  render_glint, render_spikes)
+from ps1mpi.sim.artefacts import (ArtefactLight, artefact_sources, crosstalk_image, crosstalk_rules,
+                                  placement_rules, render_artifact)
 from ps1mpi.sim.instrument import FILTER_ID, Instrument, expose_chip
 from ps1mpi.sim.sky import (Sky, offset_point, angular_sep_deg, mjd_to_year, mover_positions_at,
                             propagate, REF_EPOCH, star_mags_at, transient_mags_at)
@@ -46,9 +53,11 @@ TRUTH_DTYPE = np.dtype([
     ("TRAIL_X", "f4"), ("TRAIL_Y", "f4"), ("SATURATED", "u1"), ("MASKBITS", "u2"),
 ])
 
+#: Columns of the per-chip artefact table: the placed shapes (``Artifact`` of
+#: :mod:`ps1mpi.algorithms.dynamic_masks`, units in docs/sim.md) and the light drawn.
 ARTEFACT_DTYPE = np.dtype([
-    ("TYPE", "S10"), ("SOURCE_ID", "i8"), ("X", "f4"), ("Y", "f4"), ("X2", "f4"), ("Y2", "f4"),
-    ("R_IN", "f4"), ("R_OUT", "f4"), ("WIDTH", "f4"), ("FLUX", "f4"), ("SB", "f4"),
+    ("TYPE", "S10"), ("SOURCE_ID", "i8"), ("X", "f4"), ("Y", "f4"), ("A", "f4"), ("B", "f4"),
+    ("THETA", "f4"), ("A_IN", "f4"), ("B_IN", "f4"), ("MAG", "f4"), ("FLUX", "f4"), ("SB", "f4"),
 ])
 
 
@@ -70,11 +79,25 @@ class ExposureContext:
     band: str
     sources: np.ndarray
     bright: np.ndarray
-    ghost: GhostModel = field(default_factory=GhostModel)
-    glint: GlintModel = field(default_factory=GlintModel)
-    spike: SpikeModel = field(default_factory=SpikeModel)
+    rules: DynamicMaskRules | None = None
+    light: ArtefactLight = field(default_factory=ArtefactLight)
     mask_nsigma: float = 0.5
     camera_code: str = "t"
+    #: instrumental magnitude of every source, -2.5 log10(flux / e-) (inf when flux <= 0)
+    m_inst: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: indices into ``sources`` of the stars making each kind of artefact
+    artefact_sources: dict = field(default_factory=dict)
+    #: crosstalk images of the ``crosstalk`` stars: ``crosstalk_targets`` output with ``source``
+    #: indexing ``sources`` and the source's chip and chip position (``src_chip``, ``src_x``,
+    #: ``src_y``)
+    crosstalk: dict = field(default_factory=dict)
+    #: whether the instrument's cell-to-cell crosstalk is the table's chip-independent part
+    instrument_crosstalk: bool = True
+
+    @property
+    def placement(self) -> DynamicMaskRules:
+        """The rules the artefacts are placed with (magnitude limits opened)."""
+        return placement_rules(self.rules or default_rules(self.inst.camera))
 
     @property
     def exptime(self) -> float:
@@ -108,8 +131,15 @@ class ChipResult:
 
 
 def exposure_context(row: np.void, *, inst: Instrument, sky: Sky, distortion: Distortion,
-                     camera_code: str = "t", mask_nsigma: float = 0.5) -> ExposureContext:
-    """Prepare the shared state of one exposure (plan row ``row``, see :mod:`ps1mpi.sim.plan`)."""
+                     camera_code: str = "t", mask_nsigma: float = 0.5,
+                     rules: DynamicMaskRules | None = None,
+                     light: ArtefactLight | None = None) -> ExposureContext:
+    """Prepare the shared state of one exposure (plan row ``row``, see :mod:`ps1mpi.sim.plan`).
+
+    ``rules`` (default: the camera's table, :func:`~ps1mpi.algorithms.dynamic_masks.default_rules`)
+    place the bright-star artefacts, ``light`` (default :class:`ArtefactLight`) sets their
+    brightness; ``mask_nsigma`` is the truth-mask threshold in sky sigmas.
+    """
     cam = inst.camera
     band = row["band"].decode() if isinstance(row["band"], bytes) else str(row["band"])
     model = FocalPlaneModel(ra=float(row["ra"]), dec=float(row["dec"]), pa=float(row["pa"]),
@@ -159,19 +189,37 @@ def exposure_context(row: np.void, *, inst: Instrument, sky: Sky, distortion: Di
         sl = slice(a, a + 100_000)
         src["X"][sl], src["Y"][sl] = model.sky_to_focal(src["ra"][sl], src["dec"][sl])
     src["flux"] = exptime * 10 ** (-0.4 * (src["mag"] - zp))
-    # bright stars making artefacts (spikes, ghosts, glints) anywhere in and around the field
+    # stars making artefacts anywhere in and around the field: placed by the camera's rule
+    # table, chosen by the physics (artefact light reaching a tenth of the mask threshold)
     sig = math.sqrt(float(row["sky_e"]) + (cam.read_noise * cam.gain) ** 2)
     thr = mask_nsigma * sig
-    ctx = ExposureContext(row=row, inst=inst, model=model, psf=psf, band=band, sources=src, bright=np.zeros(0, int),
+    rules = rules if rules is not None else default_rules(cam)
+    ctx = ExposureContext(row=row, inst=inst, model=model, psf=psf, band=band, sources=src,
+                          bright=np.zeros(0, int), rules=rules,
+                          light=light if light is not None else ArtefactLight(),
                           mask_nsigma=mask_nsigma, camera_code=camera_code)
-    is_star = src["kind"] == KIND_STAR
     f = src["flux"].astype(np.float64)
-    gx, gy, r_in, r_out = ctx.ghost.geometry(src["X"], src["Y"], inst.field_radius)
-    ghost_sb = ctx.ghost.surface_brightness(f, band, r_in, r_out)
-    m_inst = -2.5 * np.log10(np.maximum(f, 1e-30) / exptime)
-    bright = is_star & ((ctx.spike.length(f, thr) > 10.0) | (ghost_sb > 0.1 * thr)
-                        | (ctx.glint.length(m_inst) > 0))
-    ctx.bright = np.flatnonzero(bright)
+    with np.errstate(divide="ignore"):
+        ctx.m_inst = np.where(f > 0, -2.5 * np.log10(np.maximum(f, 1e-300)), np.inf)
+    stars = np.flatnonzero((src["kind"] == KIND_STAR) & (f > 0))
+    chosen = artefact_sources(rules, ctx.light, src["X"][stars], src["Y"][stars], f[stars],
+                              band=band, threshold=thr)
+    ctx.artefact_sources = {k: stars[v] for k, v in chosen.items()}
+    ctx.bright = np.unique(np.concatenate([np.zeros(0, int)] + list(ctx.artefact_sources.values())))
+    # crosstalk: the instrument couples cells by the table's chip-independent rules; the other
+    # rules are drawn here as images of the bright stars
+    ctx.instrument_crosstalk = (sorted(crosstalk_rules(cam, rules=rules))
+                                == sorted(inst.crosstalk))
+    xt = ctx.artefact_sources["crosstalk"]
+    if xt.size and rules.crosstalk.rules:
+        bs = BrightStars(src["X"][xt], src["Y"][xt], ctx.m_inst[xt]).locate(cam)
+        ctx.crosstalk = crosstalk_targets(bs, camera=cam, model=rules.crosstalk,
+                                          detection_limit_mag=np.inf)
+        loc = ctx.crosstalk["source"]
+        ctx.crosstalk["source"] = xt[loc]           # index into the sources
+        ctx.crosstalk["src_chip"] = np.asarray(bs.chip)[loc].astype(str)
+        ctx.crosstalk["src_x"] = np.asarray(bs.x)[loc]
+        ctx.crosstalk["src_y"] = np.asarray(bs.y)[loc]
     return ctx
 
 
@@ -215,6 +263,67 @@ def _chip_angles(ctx: ExposureContext, chip: str, ra, dec, pa_deg) -> np.ndarray
     x0, y0 = ctx.model.sky_to_pixel(cam, chip, ra, dec)
     x1, y1 = ctx.model.sky_to_pixel(cam, chip, ra1, dec1)
     return np.arctan2(y1 - y0, x1 - x0)
+
+
+def _crosstalk_images(ctx: ExposureContext, chip: str, cells: dict[str, np.ndarray],
+                      truth_mask: np.ndarray, thr_e: float) -> list[tuple]:
+    """Crosstalk images on ``chip`` of the exposure's bright stars (``ctx.crosstalk``): table
+    rows for all of them; those of the couplings the instrument does not apply (tied to a chip
+    column or between chips) are added to the raw ``cells`` (ADU, in place) as the source's
+    read-out image (saturated at its full well) times the coupling, and marked CROSSTALK in the
+    truth mask where they exceed ``thr_e`` (e-) over the gain."""
+    ct = ctx.crosstalk
+    if not ct or ct["source"].size == 0:
+        return []
+    cam = ctx.inst.camera
+    src = ctx.sources
+    rules = (ctx.rules or default_rules(cam)).crosstalk.rules
+    drawn_here = np.array([not (ctx.instrument_crosstalk and r.chip_independent) for r in rules])
+    thr_adu = thr_e / cam.gain
+    y0d, y1d, x0d, x1d = cam.datasec
+    extra: dict[str, np.ndarray] = {}
+    rows = []
+    for j in np.flatnonzero(ct["chip"] == chip):
+        k = int(ct["source"][j])
+        flux = float(src["flux"][k])
+        ratio = float(ct["flux_ratio"][j])
+        rows.append(("CROSSTALK", src["id"][k], ct["x"][j], ct["y"][j], 0.0, 0.0, 0.0, 0.0, 0.0,
+                     ct["mag"][j], ratio * flux, np.nan))
+        if not drawn_here[int(ct["rule"][j])]:
+            continue
+        src_chip = str(ct["src_chip"][j])
+        src_cell = str(cam.cell_at(ct["src_x"][j], ct["src_y"][j]))
+        if not src_cell or src_cell in ctx.inst.dead_cells(src_chip):
+            continue
+        el = ctx.inst.electronics(src_chip)[src_cell]
+        lay = cam.chip(src_chip)
+        fw, e1f, e2f = ctx.psf.at_focal(np.array([src["X"][k]]), np.array([src["Y"][k]]))
+        e1, e2 = P.shape_to_chip(e1f, e2f, lay.xparity, lay.yparity)
+        r = int(P.stamp_radius(np.array([flux * ratio]), fw, psf=ctx.psf,
+                               threshold=0.1 * thr_e)[0])
+        stamps, ix, iy = P.render_point_stamps(np.array([ct["x"][j]]), np.array([ct["y"][j]]),
+                                               fw, e1, e2, psf=ctx.psf, radius=r)
+        img = crosstalk_image(stamps[0], flux, ratio, full_well=el.full_well, gain=el.gain)
+        cell = str(ct["cell"][j])
+        cx0, cy0 = cam.cell_origin(cell)
+        # stamp pixels that fall inside the target cell
+        xa, ya = int(ix[0]) - r - cx0, int(iy[0]) - r - cy0
+        sx0, sy0 = max(xa, 0), max(ya, 0)
+        sx1, sy1 = min(xa + 2 * r + 1, cam.cell_nx), min(ya + 2 * r + 1, cam.cell_ny)
+        if sx0 >= sx1 or sy0 >= sy1:
+            continue
+        acc = extra.setdefault(cell, np.zeros((cam.cell_ny, cam.cell_nx), np.float32))
+        acc[sy0:sy1, sx0:sx1] += img[sy0 - ya:sy1 - ya, sx0 - xa:sx1 - xa]
+    for cell, acc in extra.items():
+        raw = cells[cell].astype(np.float32)
+        raw[y0d:y1d, x0d:x1d] += acc
+        np.rint(raw, out=raw)
+        np.clip(raw, 0.0, 65535.0, out=raw)
+        cells[cell] = raw.astype(np.uint16)
+        cx0, cy0 = cam.cell_origin(cell)
+        sub = truth_mask[cy0:cy0 + cam.cell_ny, cx0:cx0 + cam.cell_nx]
+        sub[acc > thr_adu] |= maskbits.CROSSTALK
+    return rows
 
 
 def simulate_chip(ctx: ExposureContext, chip: str, *, rng: np.random.Generator) -> ChipResult:
@@ -300,50 +409,35 @@ def simulate_chip(ctx: ExposureContext, chip: str, *, rng: np.random.Generator) 
             P.add_stamps(light, stamps, ix, iy, flux[g])
             frac[g] = stamps.sum(axis=(1, 2))
             peak[g] = stamps.max(axis=(1, 2)) * flux[g]
-    # ---- artefacts of bright stars
-    art = []
+    # ---- artefacts of bright stars: placed with the camera's rule table (the geometry the
+    # camera stage masks with), brightness from ctx.light; light above the threshold -> truth
+    art: list[tuple] = []
     art_mask = np.zeros((ny, nx), np.uint16)
-    b = ctx.bright
-    if b.size:
-        bX, bY = src["X"][b], src["Y"][b]
-        bx, by = x[b], y[b]
-        bf = src["flux"][b].astype(np.float64)
-        # diffraction spikes of stars near the chip
-        L = ctx.spike.length(bf, thr_e)
-        for k in np.flatnonzero(L > 10.0):
-            if -L[k] - 10 < bx[k] < nx + L[k] + 10 and -L[k] - 10 < by[k] < ny + L[k] + 10:
-                for sy, sx, add in render_spikes(light, bx[k], by[k], bf[k], L[k], ctx.spike):
-                    art_mask[sy, sx][add > thr_e] |= maskbits.SPIKE
-                art.append(("SPIKE", src["id"][b[k]], bx[k], by[k], np.nan, np.nan, np.nan, L[k], 2 * ctx.spike.sigma,
-                            ctx.spike.k * bf[k], np.nan))
-        # optical ghosts
-        gX, gY, r_in, r_out = ctx.ghost.geometry(bX, bY, R)
-        sb = ctx.ghost.surface_brightness(bf, ctx.band, r_in, r_out)
-        gx_c, gy_c = cam.focal_to_chip(chip, gX, gY)
-        for k in np.flatnonzero(sb > 0.1 * thr_e):
-            if -r_out[k] < gx_c[k] < nx + r_out[k] and -r_out[k] < gy_c[k] < ny + r_out[k]:
-                res = render_ghost(light, gx_c[k], gy_c[k], r_in[k], r_out[k], sb[k], ctx.ghost.edge * r_out[k])
-                if res is not None:
-                    sy, sx, add = res
-                    art_mask[sy, sx][add > thr_e] |= maskbits.GHOST
-                    art.append(("GHOST", src["id"][b[k]], gx_c[k], gy_c[k], np.nan, np.nan, r_in[k], r_out[k],
-                                np.nan, ctx.ghost.flux_fraction[ctx.band] * bf[k], sb[k]))
-        # glints
-        m_inst = -2.5 * np.log10(bf / ctx.exptime)
-        for k, xs0, ys0, ux, uy, length in glint_segments(cam, chip, bX, bY, m_inst, model=ctx.glint):
-            res = render_glint(light, xs0, ys0, ux, uy, length, bf[k], ctx.glint)
-            if res is not None:
-                sy, sx, add = res
-                art_mask[sy, sx][add > thr_e] |= maskbits.GLINT
-                art.append(("GLINT", src["id"][b[k]], xs0, ys0, xs0 + ux * length, ys0 + uy * length, np.nan, np.nan,
-                            ctx.glint.mask_width, ctx.glint.flux_fraction * bf[k], np.nan))
-    # ---- the detector
+    place = ctx.placement
+    for kind in ("starcore", "spike", "ghost", "glint"):
+        who = ctx.artefact_sources.get(kind, np.zeros(0, int))
+        if who.size == 0:
+            continue
+        bs = BrightStars(src["X"][who], src["Y"][who], ctx.m_inst[who])
+        for a in artifacts_for_chip(chip, (ny, nx), bs, camera=cam,
+                                    rules=replace(place, enabled=(kind,)), filter=ctx.band):
+            ks = who[a.source]
+            a_flux, a_peak = 0.0, 0.0
+            for sy, sx, add in render_artifact(light, a, float(src["flux"][ks]), light=ctx.light,
+                                               band=ctx.band):
+                art_mask[sy, sx][add > thr_e] |= KIND_BITS[kind]
+                a_flux += float(add.sum(dtype=np.float64))
+                a_peak = max(a_peak, float(add.max()))
+            art.append((kind.upper(), src["id"][ks], a.x, a.y, a.a, a.b, math.degrees(a.theta),
+                        a.a_in, a.b_in, a.mag, a_flux, a_peak if kind != "starcore" else np.nan))
+    # ---- the detector (its crosstalk: the table's chip-independent couplings)
     res = expose_chip(inst, chip, light, exptime=ctx.exptime, dark_time=ctx.exptime, rng=rng,
-                      mask_threshold=thr_e / cam.gain)
+                      mask_threshold=thr_e / cam.gain, crosstalk=ctx.instrument_crosstalk)
     del light
     truth_mask = res.mask
     truth_mask |= art_mask
     del art_mask
+    art += _crosstalk_images(ctx, chip, res.cells, truth_mask, thr_e)
     truth_mask[~sig.live] = maskbits.GAP
     # ---- truth table: sources whose centre lies on the chip
     on = (xs >= -0.5) & (xs < nx - 0.5) & (ys >= -0.5) & (ys < ny - 0.5)
