@@ -624,7 +624,7 @@ def load_camera(name: str | Path) -> Camera:
         return _load(str(p.resolve()))
     cand = CAMERA_DIR / f"{str(name).lower()}.toml"
     if not cand.is_file():
-        known = sorted(f.stem for f in CAMERA_DIR.glob("*.toml"))
+        known = sorted(f.stem for f in CAMERA_DIR.glob("*.toml") if not f.stem.endswith("_masks"))
         raise ValueError(f"unknown camera {name!r}: known cameras are {known}, "
                          "or give the path of a camera TOML file")
     return _load(str(cand))
