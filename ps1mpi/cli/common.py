@@ -12,7 +12,7 @@ from ..infra.log import setup_logging
 from ..infra.world import World
 from ..stages.base import Stage, make_context, run_stage
 
-__all__ = ["add_job_options", "run_stage_command", "stage_parser"]
+__all__ = ["add_job_options", "open_ledger_on_root", "run_stage_command", "stage_parser"]
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +36,25 @@ def stage_parser(stage: type[Stage], description: str) -> argparse.ArgumentParse
     return parser
 
 
+def open_ledger_on_root(world: World, path: Path, *, prog: str) -> tuple[bool, Ledger | None]:
+    """Rank 0 opens the ledger for writing; every rank learns whether it worked (collective).
+
+    Returns (ok, ledger): the ledger on rank 0, None elsewhere. On failure rank 0 prints the
+    reason under ``prog``.
+    """
+    ledger = None
+    error = None
+    if world.rank == 0:
+        try:
+            ledger = Ledger.open(path, "a")
+        except LedgerError as err:
+            error = str(err)
+    error = world.bcast_object(error)
+    if error and world.rank == 0:
+        print(f"{prog}: {error}", file=sys.stderr)
+    return not error, ledger
+
+
 def run_stage_command(stage: Stage, args: argparse.Namespace) -> int:
     """Run one stage as a job: validate the recipe, open the ledger on rank 0, run, report.
 
@@ -51,17 +70,8 @@ def run_stage_command(stage: Stage, args: argparse.Namespace) -> int:
         return 2
     setup_logging(world.rank, level=recipe.get("runtime.log_level"), logdir=args.logdir,
                   stage=stage.name)
-    ledger = None
-    error = None
-    if world.rank == 0:
-        try:
-            ledger = Ledger.open(args.ledger, "a")
-        except LedgerError as err:
-            error = str(err)
-    error = world.bcast_object(error)
-    if error:
-        if world.rank == 0:
-            print(f"ps1mpi {stage.name}: {error}", file=sys.stderr)
+    ok, ledger = open_ledger_on_root(world, args.ledger, prog=f"ps1mpi {stage.name}")
+    if not ok:
         return 2
     root = args.root or Path(args.ledger).parent
     ctx = make_context(root=root, recipe=recipe, world=world, ledger_path=args.ledger,

@@ -32,12 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from ..infra.config import RecipeError, load_recipe
-from ..infra.ledger import Ledger, LedgerError
 from ..infra.log import setup_logging
 from ..infra.world import World
 from ..stages.base import make_context, run_stage
 from ..stages.summitcopy import SummitcopyStage
-from .common import add_job_options
+from .common import add_job_options, open_ledger_on_root
 
 DESCRIPTION = __doc__
 
@@ -109,17 +108,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     setup_logging(world.rank, level=recipe.get("runtime.log_level"), logdir=args.logdir,
                   stage=stage.name)
-    ledger = None
-    error = None
-    if world.rank == 0:
-        try:
-            ledger = Ledger.open(args.ledger, "a")
-        except LedgerError as err:
-            error = str(err)
-    error = world.bcast_object(error)
-    if error:
-        if world.rank == 0:
-            print(f"ps1mpi summitcopy: {error}", file=sys.stderr)
+    ok, ledger = open_ledger_on_root(world, args.ledger, prog="ps1mpi summitcopy")
+    if not ok:
         return 2
     stop = _StopFlag()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
