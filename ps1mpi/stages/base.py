@@ -44,7 +44,7 @@ from ..infra.config import Recipe
 from ..infra.ledger import Ledger
 from ..infra.log import unit_logger
 from ..infra.runtime import Outcome, RunReport, WorkUnit, run_units
-from ..infra.schema import TABLES, State
+from ..infra.schema import State
 from ..infra.world import World
 
 __all__ = ["Stage", "StageContext", "run_stage", "Outcome", "WorkUnit", "RunReport"]

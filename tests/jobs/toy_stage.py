@@ -11,7 +11,6 @@ Usage: mpiexec -n N python toy_stage.py LEDGER [--set key=value ...]
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
