@@ -30,6 +30,11 @@ deviation, corrected for the truncation of the clipping.
 
 All values are in the units of the image (ADU); positions are 0-based pixel coordinates where
 the centre of pixel ``[j, i]`` is ``(x, y) = (i, j)``.
+
+With numba (a project dependency) the full-image passes (the subsample, the binned sums and
+the pass-2 histograms, which evaluate the pass-1 model row by row) are compiled loops that
+read the image and mask directly; without it the numpy path gives the same model to float
+rounding.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ from scipy.interpolate import CubicSpline
 from scipy.stats import norm
 
 from . import maskbits
+
+try:  # numba is a dependency; the numpy path computes the same result without it
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    numba = None
+    _HAVE_NUMBA = False
 
 __all__ = ["BackgroundModel", "fit_background", "spline_weights"]
 
@@ -95,6 +108,45 @@ def spline_weights(nodes: np.ndarray, coords: np.ndarray) -> np.ndarray:
 
 
 
+def _spline_pieces(nodes: np.ndarray, n: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The interpolant of :func:`spline_weights` on pixels ``0..n-1`` as polynomial pieces.
+
+    Returns ``(coef, origin, start, end)``: on pixels ``start[m]:end[m]`` the curve through
+    node values ``v`` is ``sum_d (coef[m, d] @ v) t^(3-d)`` with ``t = pixel - origin[m]``
+    (the spline's cubic between two nodes, a straight line beyond the outer nodes).
+    ``coef`` has shape (pieces, 4, nodes).
+    """
+    nodes = np.asarray(nodes, dtype=np.float64)
+    nn = nodes.size
+    pix = np.arange(n, dtype=np.float64)
+    if nn == 1:
+        coef = np.zeros((1, 4, 1))
+        coef[0, 3, 0] = 1.0
+        return coef, np.zeros(1), np.array([0]), np.array([n])
+    if nn == 2:
+        h = nodes[1] - nodes[0]
+        coef = np.zeros((1, 4, 2))
+        coef[0, 2] = [-1.0 / h, 1.0 / h]
+        coef[0, 3] = [1.0, 0.0]
+        return coef, nodes[:1].copy(), np.array([0]), np.array([n])
+    spline = CubicSpline(nodes, np.eye(nn), axis=0, bc_type="not-a-knot")
+    c = np.moveaxis(np.asarray(spline.c), 0, 1)            # (nn - 1, 4, nn)
+    coef = np.zeros((nn + 1, 4, nn))
+    coef[1:nn] = c
+    coef[0, 2] = spline(nodes[0], 1)
+    coef[0, 3] = np.eye(nn)[0]
+    coef[nn, 2] = spline(nodes[-1], 1)
+    coef[nn, 3] = np.eye(nn)[-1]
+    origin = np.concatenate([nodes[:1], nodes[:-1], nodes[-1:]])
+    piece = np.clip(np.searchsorted(nodes, pix, side="right") - 1, 0, nn - 2) + 1
+    piece[pix < nodes[0]] = 0
+    piece[pix > nodes[-1]] = nn
+    start = np.searchsorted(piece, np.arange(nn + 1), side="left")
+    end = np.searchsorted(piece, np.arange(nn + 1), side="right")
+    return coef, origin, start, end
+
+
 def _hist_cdf(F: np.ndarray, x: np.ndarray, width: float) -> np.ndarray:
     """Cumulative counts below ``x`` from cumulative histograms ``F`` (linear within bins).
 
@@ -113,6 +165,10 @@ def _hist_cdf(F: np.ndarray, x: np.ndarray, width: float) -> np.ndarray:
 
 def _hist_quantile(F: np.ndarray, t: np.ndarray, width: float) -> np.ndarray:
     """Value below which ``t`` counts lie (inverse of :func:`_hist_cdf`)."""
+    if _HAVE_NUMBA:
+        out = np.empty(F.shape[0])
+        _hist_quantile_nb(F, np.ascontiguousarray(t, dtype=np.float64), float(width), out)
+        return out
     nb = F.shape[1] - 1
     j = np.sum(F[:, 1:] < t[:, None], axis=1)
     j = np.minimum(j, nb - 1)
@@ -280,6 +336,12 @@ class BackgroundModel:
         if ny <= 0 or nx <= 0:
             raise ValueError(f"BackgroundModel.evaluate: shape {shape} must be positive")
         wy = spline_weights(self.y_nodes, np.arange(ny, dtype=np.float64))
+        if _HAVE_NUMBA:
+            # every row is the x-spline through its node values, as cubic pieces (Horner)
+            out = np.empty((ny, nx), np.float32)
+            _eval_rows_nb(np.ascontiguousarray(wy @ self.grid), *_spline_pieces(self.x_nodes, nx),
+                          out)
+            return out
         wx = spline_weights(self.x_nodes, np.arange(nx, dtype=np.float64))
         rows = (wy @ self.grid).astype(np.float32)          # (ny, nx_nodes)
         return rows @ wx.T.astype(np.float32)                # (ny, nx)
@@ -397,6 +459,258 @@ def _binned_sums(image: np.ndarray, good: np.ndarray | None, binning: int
     return s, n
 
 
+# ----------------------------------------------------------------------------------------
+# compiled kernels (numba): the full-image passes read the image, mask and source mask
+# directly (no boolean image of usable pixels, no full-resolution model image)
+
+
+if _HAVE_NUMBA:
+    _JIT = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+
+    @numba.njit(**_JIT)
+    def _usable_row(image, mask, use_mask, bits, src, use_src, j, i0, i1,
+                    ok):  # pragma: no cover - compiled
+        """Usable-pixel flags of ``image[j, i0:i1]`` into ``ok[:i1 - i0]``: finite, none of
+        ``bits`` set, not in the source mask."""
+        row = image[j, i0:i1]
+        for i in range(row.size):
+            ok[i] = np.isfinite(row[i])
+        if use_mask:
+            mrow = mask[j, i0:i1]
+            for i in range(row.size):
+                ok[i] &= (mrow[i] & bits) == 0
+        if use_src:
+            srow = src[j, i0:i1]
+            for i in range(row.size):
+                ok[i] &= not srow[i]
+
+    @numba.njit(**_JIT)
+    def _hist_quantile_nb(F, t, width, out):  # pragma: no cover - compiled
+        """:func:`_hist_quantile` with a binary search in every (non-decreasing) row."""
+        nb = F.shape[1] - 1
+        for c in range(F.shape[0]):
+            lo = 0
+            hi = nb
+            tc = t[c]
+            while lo < hi:                  # entries of F[c, 1:] below tc
+                mid = (lo + hi) // 2
+                if F[c, 1 + mid] < tc:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            j = min(lo, nb - 1)
+            f0 = F[c, j]
+            f1 = F[c, j + 1]
+            frac = (tc - f0) / (f1 - f0) if f1 > f0 else 0.5
+            if frac < 0.0:
+                frac = 0.0
+            elif frac > 1.0:
+                frac = 1.0
+            out[c] = (j + frac - 0.5 * nb) * width
+
+    @numba.njit(**_JIT)
+    def _row_diffs_nb(sub, sub_ok):  # pragma: no cover - compiled
+        """Differences of horizontally adjacent usable samples (float32)."""
+        ny, nx = sub.shape
+        out = np.empty(ny * max(nx - 1, 0), np.float32)
+        n = 0
+        for j in range(ny):
+            for i in range(nx - 1):
+                if sub_ok[j, i] and sub_ok[j, i + 1]:
+                    out[n] = sub[j, i + 1] - sub[j, i]
+                    n += 1
+        return out[:n]
+
+    @numba.njit(**_JIT)
+    def _float_keys(x):  # pragma: no cover - compiled
+        """Unsigned keys of float32 values that sort in the order of the values."""
+        u = x.view(np.uint32)
+        out = np.empty(u.size, np.uint32)
+        for i in range(u.size):
+            v = u[i]
+            out[i] = (v ^ np.uint32(0x80000000)) if v < np.uint32(0x80000000) else ~v
+        return out
+
+    @numba.njit(**_JIT)
+    def _kth_key(keys, k):  # pragma: no cover - compiled
+        """The ``k``-th smallest (0-based) key: radix selection on 16 + 16 bits."""
+        hist = np.zeros(65536, np.int64)
+        for i in range(keys.size):
+            hist[keys[i] >> np.uint32(16)] += 1
+        acc = 0
+        top = 0
+        for t in range(65536):
+            if acc + hist[t] > k:
+                top = t
+                break
+            acc += hist[t]
+        hist[:] = 0
+        for i in range(keys.size):
+            if (keys[i] >> np.uint32(16)) == top:
+                hist[keys[i] & np.uint32(0xFFFF)] += 1
+        low = 0
+        for t in range(65536):
+            if acc + hist[t] > k:
+                low = t
+                break
+            acc += hist[t]
+        return np.uint32((top << 16) | low)
+
+    @numba.njit(**_JIT)
+    def _key_value(key):  # pragma: no cover - compiled
+        """The float32 value of a key of :func:`_float_keys`."""
+        v = (key ^ np.uint32(0x80000000)) if key >= np.uint32(0x80000000) else ~key
+        return np.array([v], np.uint32).view(np.float32)[0]
+
+    @numba.njit(**_JIT)
+    def _median_f32_nb(x):  # pragma: no cover - compiled
+        """``np.median`` of a non-empty float32 array without NaN (same value: the middle
+        element, or the float32 mean of the two middle ones)."""
+        keys = _float_keys(x)
+        n = x.size
+        if n % 2 == 1:
+            return _key_value(_kth_key(keys, n // 2))
+        a = _key_value(_kth_key(keys, n // 2 - 1))
+        b = _key_value(_kth_key(keys, n // 2))
+        return (a + b) / np.float32(2.0)
+
+    @numba.njit(**_JIT)
+    def _subsample_nb(image, mask, use_mask, bits, src, use_src, ys, xs, sub,
+                      sub_ok):  # pragma: no cover - compiled
+        """Strided subsample (float32) and its usable-pixel flags."""
+        for a in range(ys.size):
+            j = ys[a]
+            for b in range(xs.size):
+                i = xs[b]
+                v = image[j, i]
+                ok = np.isfinite(v)
+                if use_mask:
+                    ok &= (mask[j, i] & bits) == 0
+                if use_src:
+                    ok &= not src[j, i]
+                sub[a, b] = v
+                sub_ok[a, b] = ok
+
+    @numba.njit(**_JIT)
+    def _hist_nb(vals, ok, scale, shift, nbins, row_cell, col_cell, kx,
+                 counts):  # pragma: no cover - compiled
+        """Per-cell histograms of ``vals`` (see :func:`_cell_histograms`); ``counts`` has
+        ``ncells * nbins + 1`` entries, the last collecting unusable pixels."""
+        dump = counts.size - 1
+        top = np.float32(nbins - 1)
+        zero = np.float32(0.0)
+        for j in range(vals.shape[0]):
+            roff = row_cell[j] * kx * nbins
+            for i in range(vals.shape[1]):
+                if not ok[j, i]:
+                    counts[dump] += 1
+                    continue
+                u = vals[j, i] * scale
+                u += shift
+                if np.isnan(u):
+                    u = zero
+                u = min(max(u, zero), top)
+                counts[int(u) + col_cell[i] * nbins + roff] += 1
+
+    @numba.njit(**_JIT)
+    def _binned_sums_nb(image, mask, use_mask, bits, src, use_src, binning, s,
+                        n):  # pragma: no cover - compiled
+        """Sum (of float32 values) and count of usable pixels in every whole bin."""
+        nby, nbx = s.shape
+        w = nbx * binning
+        ok = np.empty(w, np.bool_)
+        rs = np.empty(w)
+        rn = np.empty(w)
+        for by in range(nby):
+            rs[:] = 0.0
+            rn[:] = 0.0
+            for j in range(by * binning, (by + 1) * binning):
+                _usable_row(image, mask, use_mask, bits, src, use_src, j, 0, w, ok)
+                row = image[j, :w]
+                for i in range(w):
+                    v = np.float32(row[i])
+                    rs[i] += v if ok[i] else 0.0
+                    rn[i] += 1.0 if ok[i] else 0.0
+            for bx in range(nbx):
+                a = 0.0
+                c = 0.0
+                for i in range(bx * binning, (bx + 1) * binning):
+                    a += rs[i]
+                    c += rn[i]
+                s[by, bx] = a
+                n[by, bx] = c
+
+    @numba.njit(**_JIT)
+    def _row_model(crow, coef, origin, start, end, out):  # pragma: no cover - compiled
+        """One row of the model: the x-spline through the node values ``crow``."""
+        npc, _, nn = coef.shape
+        for m in range(npc):
+            if end[m] <= start[m]:
+                continue
+            p0 = 0.0
+            p1 = 0.0
+            p2 = 0.0
+            p3 = 0.0
+            for k in range(nn):
+                p0 += crow[k] * coef[m, 0, k]
+                p1 += crow[k] * coef[m, 1, k]
+                p2 += crow[k] * coef[m, 2, k]
+                p3 += crow[k] * coef[m, 3, k]
+            o = origin[m]
+            for i in range(start[m], end[m]):
+                t = i - o
+                out[i] = ((p0 * t + p1) * t + p2) * t + p3
+
+    @numba.njit(**_JIT)
+    def _eval_rows_nb(rows, coef, origin, start, end, out):  # pragma: no cover - compiled
+        """The model on every pixel: row ``j`` through node values ``rows[j]``."""
+        for j in range(out.shape[0]):
+            _row_model(rows[j], coef, origin, start, end, out[j])
+
+    @numba.njit(**_JIT)
+    def _resid_hist_nb(image, mask, use_mask, bits, src, use_src, srcbin, use_srcbin,
+                       binning, rows, coef, origin, start, end, scale, shift, nbins, row_cell,
+                       col_cell, kx, counts):  # pragma: no cover - compiled
+        """Per-cell histograms of the residuals from the model (row ``j`` the x-spline
+        through node values ``rows[j]``, see :func:`_spline_pieces`), excluding the bins of
+        ``srcbin`` (see :func:`_cell_histograms` and the pass-2 notes of
+        :func:`fit_background`)."""
+        ny, nx = image.shape
+        dump = counts.size - 1
+        top = np.float32(nbins - 1)
+        zero = np.float32(0.0)
+        model = np.empty(nx, np.float32)
+        ok = np.empty(nx, np.bool_)
+        idx = np.empty(nx, np.int64)
+        nsy, nsx = srcbin.shape
+        coloff = np.empty(nx, np.int64)
+        colbin = np.empty(nx, np.int64)
+        rowsrc = np.zeros(nx, np.bool_)
+        for i in range(nx):
+            coloff[i] = col_cell[i] * nbins
+            colbin[i] = min(i // binning, nsx - 1)
+        for j in range(ny):
+            _row_model(rows[j], coef, origin, start, end, model)
+            _usable_row(image, mask, use_mask, bits, src, use_src, j, 0, nx, ok)
+            if use_srcbin and j // binning < nsy:
+                if j % binning == 0:
+                    brow = srcbin[j // binning]
+                    for i in range(nx):
+                        rowsrc[i] = brow[colbin[i]]
+                for i in range(nx):
+                    ok[i] &= not rowsrc[i]
+            roff = row_cell[j] * kx * nbins
+            row = image[j]
+            for i in range(nx):
+                u = (np.float32(row[i]) - model[i]) * scale
+                u += shift
+                u = zero if np.isnan(u) else u
+                u = min(max(u, zero), top)
+                idx[i] = int(u) + coloff[i] + roff if ok[i] else dump
+            for i in range(nx):
+                counts[idx[i]] += 1
+
+
 def _binned_source_mask(sums: np.ndarray, npix: np.ndarray, model: BackgroundModel,
                         *, binning: int, nsigma: float, grow: int) -> np.ndarray:
     """Binned map (True = source) of bins significantly above the current model."""
@@ -479,20 +793,39 @@ def fit_background(image: np.ndarray, mask: np.ndarray | None = None, *, cell: i
         raise ValueError(f"fit_background: cell must be >= 2 pixels, got {cell}")
     if subcells < 1:
         raise ValueError(f"fit_background: subcells must be >= 1, got {subcells}")
-    good = np.isfinite(image)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != image.shape:
             raise ValueError(f"fit_background: mask shape {mask.shape} differs from image "
                              f"shape {image.shape}")
-        good &= (mask & mask_bits) == 0
     if source_mask is not None:
         source_mask = np.asarray(source_mask, dtype=bool)
         if source_mask.shape != image.shape:
             raise ValueError(f"fit_background: source_mask shape {source_mask.shape} differs "
                              f"from image shape {image.shape}")
-        good &= ~source_mask
-    all_good = bool(good.all())
+    if _HAVE_NUMBA:
+        # the compiled passes test every pixel themselves
+        img_k = np.ascontiguousarray(image if image.dtype in (np.float32, np.float64)
+                                     else image.astype(np.float64))
+        if mask is None:
+            mask_k, use_mask, bits = np.zeros((1, 1), np.uint16), False, np.uint16(0)
+        elif mask.dtype == np.uint16:
+            mask_k, use_mask, bits = np.ascontiguousarray(mask), True, np.uint16(mask_bits
+                                                                                 & 0xFFFF)
+        else:
+            mask_k, use_mask, bits = ((mask & mask_bits) != 0).astype(np.uint16), True, \
+                np.uint16(1)
+        use_src = source_mask is not None
+        src_k = np.ascontiguousarray(source_mask) if use_src else np.zeros((1, 1), bool)
+        good = None
+        all_good = False
+    else:
+        good = np.isfinite(image)
+        if mask is not None:
+            good &= (mask & mask_bits) == 0
+        if source_mask is not None:
+            good &= ~source_mask
+        all_good = bool(good.all())
     ny, nx = image.shape
     # statistics cell (pixels); small images still get several cells per axis
     size = max(1, int(round(min(cell, max(ny, nx)) / subcells)))
@@ -521,8 +854,11 @@ def fit_background(image: np.ndarray, mask: np.ndarray | None = None, *, cell: i
         return g0 + pinv_y @ _median_filter_cells(scatter, median_size) @ pinv_x.T
 
     def stats(rows_values, rows_ok, nrows, rows, cols, centre, width, nbins):
-        H = _cell_histograms(rows_values, rows_ok, nrows, centre, width, nbins,
-                             rows // size, cols // size, (ky, kx))
+        if callable(rows_values):
+            H = _cell_histograms(rows_values, rows_ok, nrows, centre, width, nbins,
+                                 rows // size, cols // size, (ky, kx))
+        else:
+            H = rows_values              # histograms made by a compiled pass
         sky, sig, nused = _hist_robust_sky(H, width, clip_low=clip_low, clip_high=clip_high,
                                            max_iter=max_iter, min_pixels=min_pixels)
         return ((sky + centre).reshape(ky, kx), sig.reshape(ky, kx),
@@ -534,14 +870,25 @@ def fit_background(image: np.ndarray, mask: np.ndarray | None = None, *, cell: i
     stride = max(1, min(stride, int(size / np.sqrt(4.0 * min_pixels))))
     ys = np.arange(min(stride // 2, ny - 1), ny, stride)
     xs = np.arange(min(stride // 2, nx - 1), nx, stride)
-    sub = np.ascontiguousarray(image[np.ix_(ys, xs)], dtype=np.float32)
-    sub_ok = good[np.ix_(ys, xs)]
+    if _HAVE_NUMBA:
+        sub = np.empty((ys.size, xs.size), np.float32)
+        sub_ok = np.empty((ys.size, xs.size), bool)
+        _subsample_nb(img_k, mask_k, use_mask, bits, src_k, use_src, ys, xs, sub, sub_ok)
+    else:
+        sub = np.ascontiguousarray(image[np.ix_(ys, xs)], dtype=np.float32)
+        sub_ok = good[np.ix_(ys, xs)]
     vals = sub[sub_ok]
     if vals.size < min_pixels:
         raise ValueError(f"fit_background: image has only {vals.size} usable sampled pixels")
     # pixel-to-pixel noise (insensitive to gradients) sets the histogram resolution
-    d = np.diff(sub, axis=1)[sub_ok[:, 1:] & sub_ok[:, :-1]]
-    if d.size >= 10:
+    if _HAVE_NUMBA:
+        d = _row_diffs_nb(sub, sub_ok)
+    else:
+        d = np.diff(sub, axis=1)[sub_ok[:, 1:] & sub_ok[:, :-1]]
+    if d.size >= 10 and _HAVE_NUMBA and np.isfinite(d).all():
+        med = _median_f32_nb(d)
+        noise = 1.4826 * float(_median_f32_nb(np.abs(d - med))) / np.sqrt(2.0)
+    elif d.size >= 10:
         noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2.0)
     else:
         noise = 0.0
@@ -551,8 +898,16 @@ def fit_background(image: np.ndarray, mask: np.ndarray | None = None, *, cell: i
     lo, hi = float(lo) - 5.0 * noise, float(hi) + 5.0 * noise
     width = max(0.1 * noise, (hi - lo) / 8192.0)
     nbins = int(np.ceil((hi - lo) / width / 2.0)) * 2
-    sky1, sig1, n1 = stats(lambda a, b: sub[a:b], lambda a, b: sub_ok[a:b], ys.size, ys, xs,
-                           0.5 * (lo + hi), width, nbins)
+    centre1 = 0.5 * (lo + hi)
+    if _HAVE_NUMBA:
+        counts = np.zeros(ky * kx * nbins + 1, np.int64)
+        _hist_nb(sub, sub_ok, np.float32(1.0 / width), np.float32(0.5 * nbins - centre1 / width),
+                 nbins, ys // size, xs // size, kx, counts)
+        sky1, sig1, n1 = stats(counts[:-1].reshape(ky * kx, nbins), None, ys.size, ys, xs,
+                               centre1, width, nbins)
+    else:
+        sky1, sig1, n1 = stats(lambda a, b: sub[a:b], lambda a, b: sub_ok[a:b], ys.size, ys,
+                               xs, centre1, width, nbins)
     grid1 = fit_nodes(sky1)
     sigma1 = float(np.nanmedian(sig1)) if np.any(np.isfinite(sig1)) else float("nan")
     model = BackgroundModel(grid=grid1, x_nodes=x_nodes, y_nodes=y_nodes, sigma=sigma1,
@@ -563,11 +918,36 @@ def fit_background(image: np.ndarray, mask: np.ndarray | None = None, *, cell: i
     # pass 2: every pixel, residuals from the first model, sources excluded
     src = None
     if mask_sources:
-        sums, npx = _binned_sums(image, None if all_good else good, source_binning)
+        if _HAVE_NUMBA:
+            sums = np.zeros((ny // source_binning, nx // source_binning))
+            npx = np.zeros_like(sums)
+            _binned_sums_nb(img_k, mask_k, use_mask, bits, src_k, use_src, source_binning,
+                            sums, npx)
+        else:
+            sums, npx = _binned_sums(image, None if all_good else good, source_binning)
         src = _binned_source_mask(sums, npx, model, binning=source_binning,
                                   nsigma=source_nsigma, grow=source_grow)
         if not np.any(src):
             src = None
+    width2 = 0.1 * sigma1
+    if _HAVE_NUMBA:
+        counts = np.zeros(ky * kx * 160 + 1, np.int64)
+        rows = np.ascontiguousarray(spline_weights(y_nodes, np.arange(ny, dtype=np.float64))
+                                    @ grid1)
+        _resid_hist_nb(img_k, mask_k, use_mask, bits, src_k, use_src,
+                       src if src is not None else np.zeros((1, 1), bool), src is not None,
+                       source_binning, rows, *_spline_pieces(x_nodes, nx),
+                       np.float32(1.0 / width2),
+                       np.float32(80.0), 160, np.arange(ny) // size, np.arange(nx) // size,
+                       kx, counts)
+        res2, sig2, n2 = stats(counts[:-1].reshape(ky * kx, 160), None, ny, None, None, 0.0,
+                               width2, 160)
+        grid = grid1 + fit_nodes(res2)
+        sigma = float(np.nanmedian(sig2)) if np.any(np.isfinite(sig2)) else sigma1
+        return BackgroundModel(grid=grid, x_nodes=x_nodes, y_nodes=y_nodes, sigma=sigma,
+                               image_shape=(ny, nx),
+                               cell_values=res2 + model.evaluate_grid(cy, cx),
+                               cell_sigma=sig2, cell_x=cx, cell_y=cy, cell_npix=n2)
     b = source_binning
     by = np.arange(ny) // b
     bx = np.minimum(np.arange(nx) // b, (src.shape[1] - 1) if src is not None else 0)
@@ -585,7 +965,6 @@ def fit_background(image: np.ndarray, mask: np.ndarray | None = None, *, cell: i
             ok = ~rows_src if ok is None else ok & ~rows_src
         return ok
 
-    width2 = 0.1 * sigma1
     res2, sig2, n2 = stats(resid_rows, ok_rows, ny, np.arange(ny), np.arange(nx), 0.0,
                            width2, 160)
     grid = grid1 + fit_nodes(res2)

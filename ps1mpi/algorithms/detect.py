@@ -377,6 +377,14 @@ if _HAVE_NUMBA:
     def _next_above(row, i, fthr):  # pragma: no cover - compiled
         """First index >= ``i`` where ``row > fthr`` (``row.size`` if none)."""
         n = row.size
+        # skip blocks of 64 pixels with a branch-free (vectorised) test
+        while i + 64 <= n:
+            hit = False
+            for t in range(i, i + 64):
+                hit |= row[t] > fthr
+            if hit:
+                break
+            i += 64
         while i < n and not row[i] > fthr:
             i += 1
         return i
@@ -427,24 +435,30 @@ if _HAVE_NUMBA:
         pk_y = np.empty(1024, np.int32)
         pk_x = np.empty(1024, np.int32)
         rowpk = np.empty(nx, np.int32)
+        rs = np.empty(nx, np.int32)
+        re = np.empty(nx, np.int32)
         nrun = 0
         npk = 0
         for j in range(ny):
             row = sig[j]
             i = _next_above(row, 0, fthr)
             nrow = 0
+            nr = 0
             while i < nx:
-                s = i
+                rs[nr] = i
                 i, nrow = _run_end(sig, j, i, thr, fthr, rowpk, nrow)
-                if nrun == run_row.size:
+                re[nr] = i - 1
+                nr += 1
+                i = _next_above(row, i, fthr)
+            if nr:
+                while nrun + nr > run_row.size:
                     run_row = _grow_i4(run_row, nrun)
                     run_s = _grow_i4(run_s, nrun)
                     run_e = _grow_i4(run_e, nrun)
-                run_row[nrun] = j
-                run_s[nrun] = s
-                run_e[nrun] = i - 1
-                nrun += 1
-                i = _next_above(row, i, fthr)
+                run_row[nrun:nrun + nr] = j
+                run_s[nrun:nrun + nr] = rs[:nr]
+                run_e[nrun:nrun + nr] = re[:nr]
+                nrun += nr
             if nrow:
                 while npk + nrow > pk_y.size:
                     pk_y = _grow_i4(pk_y, npk)
@@ -478,49 +492,57 @@ if _HAVE_NUMBA:
             rptr[run_row[q] + 1] += 1
         for j in range(ny):
             rptr[j + 1] += rptr[j]
-        g_row = np.empty(max(nrun, 16), np.int32)
-        g_s = np.empty(max(nrun, 16), np.int32)
-        g_e = np.empty(max(nrun, 16), np.int32)
+        # a row has at most as many grown runs as there are runs in its 2 grow + 1 rows
+        cap = (2 * grow + 1) * nrun + 1
+        g_row = np.empty(cap, np.int32)
+        g_s = np.empty(cap, np.int32)
+        g_e = np.empty(cap, np.int32)
         ng = 0
         gptr = np.zeros(ny + 1, np.int64)
-        cs = np.empty(64, np.int32)
-        ce = np.empty(64, np.int32)
+        head = np.empty(2 * grow + 1, np.int64)
         for j in range(ny):
-            nc = 0
+            # the runs of rows j-grow..j+grow, each row already sorted by start and widened
+            # by the same amount, merged by start (k-way) into the grown runs of row j
             for dy in range(-grow, grow + 1):
                 jj = j + dy
-                if jj < 0 or jj >= ny:
+                head[dy + grow] = rptr[jj] if 0 <= jj < ny else 0
+            have = False
+            s0 = 0
+            e0 = 0
+            while True:
+                found = False
+                best = 0
+                bs = 0
+                for dy in range(-grow, grow + 1):
+                    jj = j + dy
+                    if jj < 0 or jj >= ny or head[dy + grow] >= rptr[jj + 1]:
+                        continue
+                    st = max(run_s[head[dy + grow]] - (grow - abs(dy)), 0)
+                    if not found or st < bs:
+                        found = True
+                        best = dy
+                        bs = st
+                if not found:
+                    break
+                q = head[best + grow]
+                head[best + grow] += 1
+                en = min(run_e[q] + (grow - abs(best)), nx - 1)
+                if have and bs <= e0 + 1:
+                    e0 = max(e0, en)
                     continue
-                ext = grow - abs(dy)
-                for q in range(rptr[jj], rptr[jj + 1]):
-                    if nc == cs.size:
-                        cs = _grow_i4(cs, nc)
-                        ce = _grow_i4(ce, nc)
-                    cs[nc] = max(run_s[q] - ext, 0)
-                    ce[nc] = min(run_e[q] + ext, nx - 1)
-                    nc += 1
-            if nc > 0:
-                order = np.argsort(cs[:nc])
-                s0 = cs[order[0]]
-                e0 = ce[order[0]]
-                for t in range(1, nc + 1):
-                    if t < nc:
-                        s1 = cs[order[t]]
-                        e1 = ce[order[t]]
-                        if s1 <= e0 + 1:
-                            e0 = max(e0, e1)
-                            continue
-                    if ng == g_row.size:
-                        g_row = _grow_i4(g_row, ng)
-                        g_s = _grow_i4(g_s, ng)
-                        g_e = _grow_i4(g_e, ng)
+                if have:
                     g_row[ng] = j
                     g_s[ng] = s0
                     g_e[ng] = e0
                     ng += 1
-                    if t < nc:
-                        s0 = s1
-                        e0 = e1
+                have = True
+                s0 = bs
+                e0 = en
+            if have:
+                g_row[ng] = j
+                g_s[ng] = s0
+                g_e[ng] = e0
+                ng += 1
             gptr[j + 1] = ng
         parent = np.arange(ng)
         for j in range(1, ny):
@@ -614,7 +636,8 @@ if _HAVE_NUMBA:
     def _cull_nb(sig, g_row, g_s, g_e, lptr, lruns, bbox, fids, mstart, mend, members, py, px,
                  pv, nsigma, padding, cull_min):  # pragma: no cover - compiled
         """Saddle test of the peaks of every footprint in ``fids`` (see the module notes);
-        ``members[mstart[f]:mend[f]]`` are the peaks of ``fids[f]`` in raster order.
+        ``members[mstart[f]:mend[f]]`` are the peaks of ``fids[f]``, brightest first (ties
+        in raster order).
         Returns the surviving-peak flags."""
         keep = np.ones(py.size, np.bool_)
         for f in range(fids.size):
@@ -628,20 +651,16 @@ if _HAVE_NUMBA:
                 t = lruns[q]
                 infp[g_row[t] - y0, g_s[t] - x0:g_e[t] - x0 + 1] = True
             mem = members[mstart[f]:mend[f]]
-            vals = np.empty(mem.size)
-            for q in range(mem.size):
-                vals[q] = -float(pv[mem[q]])
-            order = np.argsort(vals, kind="mergesort")
             kept_at = np.zeros((h, w), np.bool_)
             visit = np.zeros((h, w), np.int32)
             queue = np.empty(h * w, np.int64)
-            first = mem[order[0]]
+            first = mem[0]
             kept_at[py[first] - y0, px[first] - x0] = True
             for q in range(mem.size):
                 keep[mem[q]] = False
             keep[first] = True
             for o in range(1, mem.size):
-                i = mem[order[o]]
+                i = mem[o]
                 nu = float(pv[i])
                 level = nu - nsigma * np.hypot(1.0, padding * nu)
                 level = max(level, cull_min)
@@ -940,7 +959,8 @@ def _peaks_footprints_nb(image, variance, mask, *, fwhm, threshold, footprint_th
         counts = np.bincount(pfp, minlength=nlab + 1)
         multi = np.flatnonzero(counts > 1)
         if multi.size:
-            order = np.argsort(pfp, kind="stable")
+            # by footprint, brightest first, ties in raster order (as the scipy path)
+            order = np.lexsort((-pv.astype(np.float64), pfp))
             bounds = np.searchsorted(pfp[order], np.arange(nlab + 2))
             keep = _cull_nb(sig, g_row, g_s, g_e, lptr, lruns, bbox, multi.astype(np.int64),
                             bounds[multi].astype(np.int64), bounds[multi + 1].astype(np.int64),

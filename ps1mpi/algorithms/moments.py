@@ -24,6 +24,11 @@ The choices follow psphot (IPP):
   ``PETROSIAN_FLUX_RATIO`` (0.1) of the mean surface brightness inside it; the Petrosian flux
   is the flux within 2 Petrosian radii (``PETROSIAN_RADII``), with R50 and R90.
 - Radial apertures for stack photometry have the IPP edges 4.16 ... 176.88 pixels.
+
+Implementation. With numba (a project dependency) every measurement is a compiled loop over
+the sources that reads the pixels of each source's window straight from the image (no
+stamp arrays); the pixels are visited and summed as in the numpy path, which is used when
+numba is absent and gives the same results to float rounding.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import maskbits
+
+try:  # numba is a dependency; the numpy path computes the same result without it
+    import numba
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    numba = None
+    _HAVE_NUMBA = False
 
 __all__ = [
     "RADIAL_APERTURE_RADII",
@@ -160,11 +173,15 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + step, n))
 
 
+_LADDER_STEPS = np.concatenate([np.arange(2, 33, 2),
+                                [40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384,
+                                 448, 512]]).astype(np.int64)
+
+
 def _ladder(half: np.ndarray) -> np.ndarray:
     """Round stamp half-sizes up to a coarse ladder so sources can be batched."""
     half = np.maximum(np.ceil(half).astype(np.int64), 1)
-    steps = np.concatenate([np.arange(2, 33, 2), [40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
-                                                   224, 256, 320, 384, 448, 512]])
+    steps = _LADDER_STEPS
     idx = np.searchsorted(steps, half)
     out = np.where(idx < steps.size, steps[np.minimum(idx, steps.size - 1)], half)
     return out
@@ -283,6 +300,583 @@ def _pixel_gradients(f: np.ndarray, ok: np.ndarray, flat: np.ndarray
     return gx, gy
 
 
+# ----------------------------------------------------------------------------------------
+# compiled kernels (numba): per-source loops over the pixels of a stamp, read from the image
+
+
+def _kernel_image(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous float array for the kernels (no copy for float32/float64 inputs)."""
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    return np.ascontiguousarray(a)
+
+
+def _kernel_mask(mask: np.ndarray | None, mask_bits: int):
+    """``(mask, use_mask, bits)`` for the kernels: the uint16 mask itself, or the flags
+    of the excluding bits for other integer types."""
+    if mask is None:
+        return np.zeros((1, 1), np.uint16), False, np.uint16(0)
+    mask = np.asarray(mask)
+    if mask.dtype == np.uint16:
+        return np.ascontiguousarray(mask), True, np.uint16(mask_bits & 0xFFFF)
+    return ((mask & mask_bits) != 0).astype(np.uint16), True, np.uint16(1)
+
+
+if _HAVE_NUMBA:
+    _JIT = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+
+    @numba.njit(**_JIT)
+    def _gather_nb(image, variance, use_var, mask, use_mask, bits, xc, yc, h, f, v,
+                   ok):  # pragma: no cover - compiled
+        """Stamp of side ``2h + 1`` centred on pixel ``(xc, yc)`` into the top-left corner
+        of ``f`` (values, 0 where unusable), ``ok`` (usable: inside the image, finite in the
+        dtype of ``f``, unmasked, and with a finite non-negative variance when ``use_var``)
+        and, when ``use_var``, ``v`` (variances, 0 where unusable; untouched otherwise).
+        """
+        ny, nx = image.shape
+        s = 2 * h + 1
+        i0 = xc - h
+        b0 = min(max(0, -i0), s)
+        b1 = max(min(s, nx - i0), b0)
+        for a in range(s):
+            j = yc - h + a
+            fr = f[a]
+            okr = ok[a]
+            inside = 0 <= j < ny
+            lo = b0 if inside else s
+            hi = b1 if inside else s
+            for b in range(lo):
+                fr[b] = 0.0
+                okr[b] = False
+            for b in range(hi, s):
+                fr[b] = 0.0
+                okr[b] = False
+            if use_var:
+                vr = v[a]
+                for b in range(lo):
+                    vr[b] = 0.0
+                for b in range(hi, s):
+                    vr[b] = 0.0
+            if not inside:
+                continue
+            irow = image[j, i0 + b0:i0 + b1]
+            fo = fr[b0:b1]
+            oo = okr[b0:b1]
+            for b in range(irow.size):
+                fo[b] = irow[b]
+                oo[b] = np.isfinite(fo[b])
+            if use_mask:
+                mrow = mask[j, i0 + b0:i0 + b1]
+                for b in range(irow.size):
+                    oo[b] &= (mrow[b] & bits) == 0
+            if use_var:
+                vo = v[a, b0:b1]
+                vrow = variance[j, i0 + b0:i0 + b1]
+                for b in range(irow.size):
+                    vo[b] = vrow[b]
+                    oo[b] &= np.isfinite(vo[b]) & (vo[b] >= 0)
+                for b in range(irow.size):
+                    if not oo[b]:
+                        vo[b] = 0.0
+            for b in range(irow.size):
+                if not oo[b]:
+                    fo[b] = 0.0
+
+    @numba.njit(**_JIT)
+    def _gain_nb(m, sigma2):  # pragma: no cover - compiled
+        """Scalar :func:`_window_gain`."""
+        g = 1.0 / (1.0 - m / sigma2)
+        if np.isnan(g):
+            return 2.0
+        return min(max(g, 1.0), 4.0)
+
+    @numba.njit(**_JIT)
+    def _window_weights(xi, yi, xc, yc, h, inv2s2, ex, ey, dxs, dys):  # pragma: no cover
+        """Offsets of the stamp columns/rows from the centre and their Gaussian factors."""
+        for b in range(2 * h + 1):
+            dxs[b] = (xi + float(b - h)) - xc
+            ex[b] = np.exp(-dxs[b] * dxs[b] * inv2s2)
+            dys[b] = (yi + float(b - h)) - yc
+            ey[b] = np.exp(-dys[b] * dys[b] * inv2s2)
+
+    @numba.njit(**_JIT)
+    def _centroid_iter_nb(image, variance, mask, use_mask, bits, xi, yi, half, x0, y0, n_iter,
+                          r2max, inv2s2, sigma2, max_shift, xs, ys, moved, small
+                          ):  # pragma: no cover - compiled
+        """Centroid iterations of every source on its own: ``xs, ys`` (n, n_iter) receive
+        the centroid after each iteration, ``moved`` whether it was reset to the start so
+        far and ``small`` whether both steps of that iteration were below 1e-4 pixels."""
+        s = 2 * half + 1
+        f = np.empty((s, s), image.dtype)
+        v = np.empty((s, s), variance.dtype)
+        ok = np.empty((s, s), np.bool_)
+        ex = np.empty(s)
+        ey = np.empty(s)
+        dxs = np.empty(s)
+        dys = np.empty(s)
+        for q in range(xi.size):
+            _gather_nb(image, variance, True, mask, use_mask, bits, xi[q], yi[q], half, f, v,
+                       ok)
+            xc = x0[q]
+            yc = y0[q]
+            mv = False
+            for it in range(n_iter):
+                _window_weights(xi[q], yi[q], xc, yc, half, inv2s2, ex, ey, dxs, dys)
+                sw = 0.0
+                sx = 0.0
+                sy = 0.0
+                sxx = 0.0
+                syy = 0.0
+                for a in range(s):
+                    dy = dys[a]
+                    dy2 = dy * dy
+                    if dy2 > r2max:
+                        continue
+                    fr = f[a]
+                    for b in range(s):
+                        dx = dxs[b]
+                        if not dx * dx + dy2 <= r2max:
+                            continue
+                        wf = (ey[a] * ex[b]) * fr[b]
+                        sw += wf
+                        sx += wf * dx
+                        sy += wf * dy
+                        sxx += wf * dx * dx
+                        syy += wf * dy2
+                mx = sx / sw
+                my = sy / sw
+                mxx = sxx / sw - mx * mx
+                myy = syy / sw - my * my
+                stepx = mx * _gain_nb(mxx, sigma2) if (np.isfinite(mx) and sw > 0) else 0.0
+                stepy = my * _gain_nb(myy, sigma2) if (np.isfinite(my) and sw > 0) else 0.0
+                xc += min(max(stepx, -1.0), 1.0)
+                yc += min(max(stepy, -1.0), 1.0)
+                if np.hypot(xc - x0[q], yc - y0[q]) > max_shift:
+                    mv = True
+                    xc = x0[q]
+                    yc = y0[q]
+                xs[q, it] = xc
+                ys[q, it] = yc
+                moved[q, it] = mv
+                small[q, it] = abs(stepx) < 1e-4 and abs(stepy) < 1e-4
+
+    @numba.njit(**_JIT)
+    def _centroid_final_nb(image, variance, mask, use_mask, bits, xi, yi, half, xc, yc, r2max,
+                           inv2s2, sums):  # pragma: no cover - compiled
+        """Windowed sums about the final centroids; ``sums[q]`` receives
+        ``(S, sum w^2 V, npix, Sxx, Sxy, Syy, sum w^2 V dx^2, sum w^2 V dy^2, npossible)``."""
+        s = 2 * half + 1
+        f = np.empty((s, s), image.dtype)
+        v = np.empty((s, s), variance.dtype)
+        ok = np.empty((s, s), np.bool_)
+        ex = np.empty(s)
+        ey = np.empty(s)
+        dxs = np.empty(s)
+        dys = np.empty(s)
+        for q in range(xi.size):
+            _gather_nb(image, variance, True, mask, use_mask, bits, xi[q], yi[q], half, f, v,
+                       ok)
+            _window_weights(xi[q], yi[q], xc[q], yc[q], half, inv2s2, ex, ey, dxs, dys)
+            acc = np.zeros(9)
+            for a in range(s):
+                dy = dys[a]
+                for b in range(s):
+                    dx = dxs[b]
+                    if not dx * dx + dy * dy <= r2max:
+                        continue
+                    acc[8] += 1.0
+                    if not ok[a, b]:
+                        continue
+                    w = ey[a] * ex[b]
+                    wf = w * f[a, b]
+                    w2v = w * w * v[a, b]
+                    acc[0] += wf
+                    acc[1] += w2v
+                    acc[2] += 1.0
+                    acc[3] += wf * dx * dx
+                    acc[4] += wf * dx * dy
+                    acc[5] += wf * dy * dy
+                    acc[6] += w2v * dx * dx
+                    acc[7] += w2v * dy * dy
+            sums[q, :] = acc
+
+    @numba.njit(**_JIT)
+    def _ladder_nb(v, steps):  # pragma: no cover - compiled
+        """Scalar :func:`_ladder`."""
+        h = max(int(np.ceil(v)), 1)
+        lo = 0
+        hi = steps.size
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if steps[mid] < h:
+                lo = mid + 1
+            else:
+                hi = mid
+        return steps[lo] if lo < steps.size else h
+
+    @numba.njit(**_JIT)
+    def _r1_stamp(fr, okr, hs, h, margin, kern, xq, yq, xiq, yiq, kxq, kyq, win, f, okb,
+                  okf, ty, td, fs, oks, dxs):  # pragma: no cover - compiled
+        """First radial moment (see :func:`_radial_moment`) from the stamp ``fr, okr`` of
+        half-size ``hs`` (values as float64, usable flags), in a window of ``win`` pixels,
+        on the crop of half-size ``h`` smoothed by ``kern`` (``margin`` >= its half-width,
+        so the crop never sees the border of the ``h + margin`` stamp). The other arrays
+        are work space."""
+        rk = (kern.size - 1) // 2
+        f32 = np.float32
+        zero = f32(0.0)
+        hh = h + margin
+        big = 2 * hh + 1
+        s = 2 * h + 1
+        o = hs - hh
+        allok = True
+        for a in range(big):
+            src = fr[o + a, o:o + big]
+            osrc = okr[o + a, o:o + big]
+            fa = f[a, :big]
+            oa = okb[a, :big]
+            for b in range(big):
+                fa[b] = src[b]
+                oa[b] = osrc[b] and np.isfinite(fa[b])
+                if not oa[b]:
+                    fa[b] = zero
+            for b in range(big):
+                allok &= oa[b]
+        if kern.size > 0:
+            # separable Gaussian, rows then columns, on the crop only
+            for a in range(s):
+                tr = ty[a, :big]
+                for b in range(big):
+                    tr[b] = zero
+                for t in range(2 * rk + 1):
+                    kt = kern[t]
+                    frow = f[a + margin - rk + t, :big]
+                    for b in range(big):
+                        tr[b] += kt * frow[b]
+            for a in range(s):
+                orow = fs[a, :s]
+                for b in range(s):
+                    orow[b] = zero
+                for t in range(2 * rk + 1):
+                    kt = kern[t]
+                    tr = ty[a, margin - rk + t:margin - rk + t + s]
+                    for b in range(s):
+                        orow[b] += kt * tr[b]
+            if allok:
+                for a in range(s):
+                    for b in range(s):
+                        oks[a, b] = True
+            else:
+                # normalised convolution: divide by the smoothed usable-pixel weight
+                for a in range(big):
+                    for b in range(big):
+                        okf[a, b] = 1.0 if okb[a, b] else 0.0
+                for a in range(s):
+                    tr = td[a, :big]
+                    for b in range(big):
+                        tr[b] = zero
+                    for t in range(2 * rk + 1):
+                        kt = kern[t]
+                        orw = okf[a + margin - rk + t, :big]
+                        for b in range(big):
+                            tr[b] += kt * orw[b]
+                for a in range(s):
+                    for b in range(s):
+                        den = zero
+                        for t in range(2 * rk + 1):
+                            den += kern[t] * td[a, b + margin - rk + t]
+                        oks[a, b] = den >= f32(0.25)
+                        fs[a, b] = fs[a, b] / den if oks[a, b] else zero
+        else:
+            for a in range(s):
+                for b in range(s):
+                    fs[a, b] = f[a + margin, b + margin]
+                    oks[a, b] = okb[a + margin, b + margin]
+        # mirror about the centroid rounded to half a pixel: [2h + ky - j, 2h + kx - i]
+        rf = 0.0
+        rs = 0.0
+        for b in range(s):
+            dxs[b] = f32((xiq - xq) + float(b - h))
+        for a in range(s):
+            dy = f32((yiq - yq) + float(a - h))
+            am = 2 * h + kyq - a
+            if am < 0 or am >= s:
+                continue
+            dy2 = dy * dy
+            for b in range(s):
+                bm = 2 * h + kxq - b
+                if bm < 0 or bm >= s or not (oks[a, b] and oks[am, bm]):
+                    continue
+                r = np.sqrt(dxs[b] * dxs[b] + dy2)
+                if not r <= win:
+                    continue
+                fv = fs[a, b]
+                fm = fs[am, bm]
+                prod = np.sqrt(abs(fv * fm))
+                if fv < 0:
+                    prod = -prod
+                rf += r * prod
+                rs += fv + fm
+        rs *= 0.5
+        val = rf / rs
+        return val if (rf > 0 and rs > 0 and np.isfinite(val)) else np.nan
+
+    @numba.njit(**_JIT)
+    def _whole_pixel_sum(fr, hs, xq, yq, xiq, yiq, radius):  # pragma: no cover - compiled
+        """Sum of the stamp values of the pixels whose centre is within ``radius`` (the
+        ``exact=False`` aperture of :func:`_aperture_sums`, same order of summation)."""
+        f32 = np.float32
+        hw = int(np.ceil(radius + 1.0))
+        r2 = f32(radius * radius)
+        tot = 0.0
+        for a in range(-hw, hw + 1):
+            ay = f32(abs((yiq - yq) + float(a)))
+            ayy = ay * ay
+            if not ayy < r2:
+                continue
+            row = fr[hs + a]
+            for b in range(-hw, hw + 1):
+                ax = f32(abs((xiq - xq) + float(b)))
+                if ayy + ax * ax < r2:
+                    tot += row[hs + b]
+        return tot
+
+    @numba.njit(**_JIT)
+    def _kron_r1_nb(image, mask, use_mask, bits, x, y, xi, yi, kx, ky, win, n_iter, radius0,
+                    max_window, sb_min_factor, sky_sigma, min_radius, kron_factor, margin,
+                    kern, steps, mrf, failed):  # pragma: no cover - compiled
+        """The R1 iterations of :func:`kron_photometry` for every source on its own, from
+        one stamp per source (gathered again only when a later window needs a larger one).
+        ``win`` holds the first windows and receives the last; ``mrf`` receives R1 (NaN
+        where it failed, flagged in ``failed``)."""
+        cap = 1
+        for q in range(x.size):
+            cap = max(cap, _ladder_nb(win[q] + 2.0, steps) + margin)
+        fr = np.empty((2 * cap + 1, 2 * cap + 1))
+        okr = np.empty((2 * cap + 1, 2 * cap + 1), np.bool_)
+        wk = _kron_work(cap)
+        sbden = np.sqrt(np.pi * sb_min_factor * sky_sigma) if sky_sigma > 0 else 1.0
+        for q in range(x.size):
+            hs = -1
+            m = np.nan
+            kf = np.nan
+            w = win[q]
+            active = True
+            for it in range(n_iter):
+                if it > 0:
+                    new = 6.0 * m if np.isfinite(m) else w
+                    if sb_min_factor > 0 and sky_sigma > 0 and np.isfinite(kf) and kf > 0:
+                        new = min(new, np.sqrt(max(kf, 0.0)) / sbden)
+                    w = min(max(new, radius0), max_window)
+                if not active:
+                    continue
+                h = _ladder_nb(w + 2.0, steps)
+                need = h + margin
+                if need > cap:
+                    cap = need
+                    fr = np.empty((2 * cap + 1, 2 * cap + 1))
+                    okr = np.empty((2 * cap + 1, 2 * cap + 1), np.bool_)
+                    wk = _kron_work(cap)
+                    hs = -1
+                if need > hs:
+                    hs = need
+                    _gather_nb(image, image, False, mask, use_mask, bits, xi[q], yi[q], hs,
+                               fr, fr, okr)
+                r1 = _r1_stamp(fr, okr, hs, h, margin, kern, x[q], y[q], xi[q], yi[q], kx[q],
+                               ky[q], w, wk[0], wk[1], wk[2], wk[3], wk[4], wk[5], wk[6],
+                               wk[7][0])
+                if not np.isfinite(r1):
+                    failed[q] = True
+                    active = False
+                    m = np.nan
+                    continue
+                m = min(max(r1, min_radius), w)
+                if it < n_iter - 1:
+                    rad = kron_factor * m
+                    hw = int(np.ceil(rad + 1.0))
+                    if hw > hs:
+                        if hw > cap:
+                            cap = hw
+                            fr = np.empty((2 * cap + 1, 2 * cap + 1))
+                            okr = np.empty((2 * cap + 1, 2 * cap + 1), np.bool_)
+                            wk = _kron_work(cap)
+                        hs = hw
+                        _gather_nb(image, image, False, mask, use_mask, bits, xi[q], yi[q],
+                                   hs, fr, fr, okr)
+                    kf = _whole_pixel_sum(fr, hs, x[q], y[q], xi[q], yi[q], rad)
+            mrf[q] = m
+            win[q] = w
+
+    @numba.njit(**_JIT)
+    def _kron_work(cap):  # pragma: no cover - compiled
+        """Work space of :func:`_r1_stamp` for stamps of half-size up to ``cap``."""
+        b = 2 * cap + 1
+        return (np.empty((b, b), np.float32), np.empty((b, b), np.bool_),
+                np.empty((b, b), np.float32), np.empty((b, b), np.float32),
+                np.empty((b, b), np.float32), np.empty((b, b), np.float32),
+                np.empty((b, b), np.bool_), np.empty((1, b), np.float32))
+
+    @numba.njit(**_JIT)
+    def _axis_terms(u, r, arc_of_chord):  # pragma: no cover - compiled
+        """Per-axis parts of :func:`_corner_terms` for a corner coordinate ``u``: its sign,
+        ``ua = min(|u|, r)``, the chord ``sqrt(r^2 - ua^2)`` and the arcsine of ``ua / r``
+        (columns) or of ``chord / r`` (rows, ``arc_of_chord``)."""
+        ua = min(abs(u), r)
+        su = np.sqrt(max(r * r - ua * ua, 0.0))
+        rr = r if r > 0 else 1.0
+        v = su / rr if arc_of_chord else ua / rr
+        return np.sign(u), ua, su, np.arcsin(min(max(v, -1.0), 1.0))
+
+    @numba.njit(**_JIT)
+    def _corner_pre(sx, xa, sxa, asx, sy, ya, sya, asy, r):  # pragma: no cover - compiled
+        """Scalar :func:`_corner_terms` from the per-axis parts of :func:`_axis_terms`."""
+        r2 = r * r
+        if xa * xa + ya * ya <= r2:
+            return sx * sy * (xa * ya), sy * (ya * xa * xa / 2.0), sx * (xa * ya * ya / 2.0)
+        area = ya * sya + 0.5 * (xa * sxa + r2 * asx) - 0.5 * (sya * ya + r2 * asy)
+        mx = ya * sya * sya / 2.0 + (ya * ya * ya - sxa * sxa * sxa) / 3.0
+        my = xa * sxa * sxa / 2.0 + (xa * xa * xa - sya * sya * sya) / 3.0
+        return sx * sy * area, sy * mx, sx * my
+
+    @numba.njit(**_JIT)
+    def _aperture_nb(image, variance, use_var, mask, use_mask, bits, x, y, xi, yi, radii,
+                     exact, flux, var, marea):  # pragma: no cover - compiled
+        """Aperture sums (see :func:`_aperture_sums`) of every source.
+
+        Pixels are visited in the raster order of the numpy path's stamps, so the sums of
+        whole pixels are the same; a stamp one pixel wider than the largest circle gives
+        the neighbours of the cut pixels.
+        """
+        n, k = radii.shape
+        f32 = np.float32
+        half_px = f32(0.5)
+        zero = f32(0.0)
+        hmax = 0
+        for q in range(n):
+            hmax = max(hmax, int(np.ceil(radii[q, k - 1] + 1.0)) + 1)
+        smax = 2 * hmax + 1
+        f = np.empty((smax, smax))
+        v = np.empty((smax, smax))
+        ok = np.empty((smax, smax), np.bool_)
+        r2 = np.empty(k, np.float32)
+        bf = np.empty(k + 1)
+        bv = np.empty(k + 1)
+        bb = np.empty(k + 1)
+        cf = np.empty(k)
+        cv = np.empty(k)
+        cb = np.empty(k)
+        ax = np.empty(smax, np.float32)
+        # per radius, stamp column / row and side (+0.5, -0.5): the axis parts of the corner
+        # terms, computed once per source when a cut pixel first needs them
+        colt = np.empty((k, 2, smax, 4))
+        rowt = np.empty((k, 2, smax, 4))
+        colg = np.zeros((k, 2, smax), np.int64)
+        rowg = np.zeros((k, 2, smax), np.int64)
+        for q in range(n):
+            rmax = radii[q, k - 1]
+            hw = int(np.ceil(rmax + 1.0))
+            h = hw + 1
+            _gather_nb(image, variance, use_var, mask, use_mask, bits, xi[q], yi[q], h, f, v,
+                       ok)
+            rmax2 = f32(rmax * rmax)
+            for t in range(k):
+                r2[t] = f32(radii[q, t] * radii[q, t])
+            bf[:] = 0.0
+            bv[:] = 0.0
+            bb[:] = 0.0
+            cf[:] = 0.0
+            cv[:] = 0.0
+            cb[:] = 0.0
+            for b in range(-hw, hw + 1):
+                ax[b + hw] = f32(abs((xi[q] - x[q]) + float(b)))
+            for a in range(-hw, hw + 1):
+                oy = (yi[q] - y[q]) + float(a)
+                ay = f32(abs(oy))
+                ny_ = max(ay - half_px, zero) if exact else ay
+                nyy = ny_ * ny_
+                if not nyy < rmax2:
+                    continue
+                fr = f[a + h]
+                vr = v[a + h]
+                okr = ok[a + h]
+                for b in range(-hw, hw + 1):
+                    axb = ax[b + hw]
+                    nx_ = max(axb - half_px, zero) if exact else axb
+                    dnear2 = nyy + nx_ * nx_
+                    if not dnear2 < rmax2:
+                        continue
+                    if exact:
+                        fx = axb + half_px
+                        fy = ay + half_px
+                        dfar2 = fx * fx + fy * fy
+                    else:
+                        dfar2 = dnear2
+                    kin = 0
+                    for t in range(k):
+                        kin += dfar2 > r2[t]
+                    fv = fr[b + h]
+                    vv = vr[b + h]
+                    bad = 0.0 if okr[b + h] else 1.0
+                    bf[kin] += fv
+                    bv[kin] += vv
+                    bb[kin] += bad
+                    if exact and kin >= 1 and dnear2 < r2[kin - 1]:
+                        # a pixel cut by radius kin-1: its overlap, plus the first-order
+                        # term of the flux gradient across it
+                        ox = (xi[q] - x[q]) + float(b)
+                        rc = radii[q, kin - 1]
+                        for side in range(2):
+                            if colg[kin - 1, side, b + hw] != q + 1:
+                                colg[kin - 1, side, b + hw] = q + 1
+                                t0, t1, t2, t3 = _axis_terms(ox + (0.5 - side), rc, False)
+                                colt[kin - 1, side, b + hw, 0] = t0
+                                colt[kin - 1, side, b + hw, 1] = t1
+                                colt[kin - 1, side, b + hw, 2] = t2
+                                colt[kin - 1, side, b + hw, 3] = t3
+                            if rowg[kin - 1, side, a + hw] != q + 1:
+                                rowg[kin - 1, side, a + hw] = q + 1
+                                t0, t1, t2, t3 = _axis_terms(oy + (0.5 - side), rc, True)
+                                rowt[kin - 1, side, a + hw, 0] = t0
+                                rowt[kin - 1, side, a + hw, 1] = t1
+                                rowt[kin - 1, side, a + hw, 2] = t2
+                                rowt[kin - 1, side, a + hw, 3] = t3
+                        area = 0.0
+                        mxs = 0.0
+                        mys = 0.0
+                        for c in range(4):
+                            cs = 0 if (c == 0 or c == 2) else 1       # x side: +0.5, -0.5
+                            rs_ = 0 if c < 2 else 1                   # y side: +0.5, -0.5
+                            sg = 1.0 if (c == 0 or c == 3) else -1.0
+                            ct = colt[kin - 1, cs, b + hw]
+                            rt = rowt[kin - 1, rs_, a + hw]
+                            ca, cmx, cmy = _corner_pre(ct[0], ct[1], ct[2], ct[3], rt[0], rt[1],
+                                                       rt[2], rt[3], rc)
+                            area += sg * ca
+                            mxs += sg * cmx
+                            mys += sg * cmy
+                        mxs -= area * ox
+                        mys -= area * oy
+                        c0 = b + h
+                        gx = 0.5 * (fr[c0 + 1] - fr[c0 - 1]) if (okr[c0 - 1] and okr[c0 + 1]) \
+                            else 0.0
+                        gy = 0.5 * (f[a + h + 1, c0] - f[a + h - 1, c0]) \
+                            if (ok[a + h - 1, c0] and ok[a + h + 1, c0]) else 0.0
+                        cf[kin - 1] += fv * area + gx * mxs + gy * mys
+                        cv[kin - 1] += vv * area * area
+                        cb[kin - 1] += bad * area
+            sf = 0.0
+            sv = 0.0
+            sb = 0.0
+            for t in range(k):
+                sf += bf[t]
+                sv += bv[t]
+                sb += bb[t]
+                flux[q, t] = sf + cf[t]
+                var[q, t] = sv + cv[t]
+                marea[q, t] = sb + cb[t]
+
+
 @dataclass(frozen=True)
 class ApertureResult:
     """Fluxes in circular apertures.
@@ -392,6 +986,12 @@ def _aperture_core(image, variance, mask, x, y, radii, mask_bits, exact=True):
         return flux, var, marea
     xi = np.round(x).astype(np.int64)
     yi = np.round(y).astype(np.int64)
+    if _HAVE_NUMBA:
+        m, use_mask, bits = _kernel_mask(mask, mask_bits)
+        _aperture_nb(_kernel_image(image), _kernel_image(variance), bool(exact), m, use_mask,
+                     bits, x, y, xi, yi, np.ascontiguousarray(radii, dtype=np.float64),
+                     bool(exact), flux, var, marea)
+        return flux, var, marea
     for idx, half in _groups(radii[:, -1] + 1.0):
         size = 2 * half + 1
         off = np.arange(-half, half + 1, dtype=np.float64)
@@ -588,59 +1188,92 @@ def centroid_moments(image: np.ndarray, variance: np.ndarray, mask: np.ndarray |
     off = np.arange(-half, half + 1, dtype=np.float64)
     r2max = radius * radius
     inv2s2 = 0.5 / sigma ** 2
+    if _HAVE_NUMBA:
+        img_k, var_k = _kernel_image(image), _kernel_image(variance)
+        mask_k, use_mask, bits = _kernel_mask(mask, mask_bits)
     for sl in _chunks(x.size, size):
         x0, y0 = x[sl], y[sl]
         xi = np.round(x0).astype(np.int64)
         yi = np.round(y0).astype(np.int64)
-        f, v, ok = _gather(image, variance, mask, xi, yi, half, mask_bits)
-        gx = xi[:, None, None] + off[None, None, :]      # pixel x of stamp columns
-        gy = yi[:, None, None] + off[None, :, None]
-        xc, yc = x0.copy(), y0.copy()
-        moved = np.zeros(x0.size, dtype=bool)
-        for _ in range(max(n_iter, 1)):
+        if _HAVE_NUMBA:
+            # every source iterated on its own, then the state after the iteration where
+            # the whole batch converged (as the numpy path iterates the batch together)
+            nit = max(n_iter, 1)
+            xs = np.empty((x0.size, nit))
+            ys = np.empty((x0.size, nit))
+            mv = np.empty((x0.size, nit), dtype=bool)
+            sm = np.empty((x0.size, nit), dtype=bool)
+            _centroid_iter_nb(img_k, var_k, mask_k, use_mask, bits, xi, yi, half, x0, y0, nit,
+                              r2max, inv2s2, sigma ** 2, max_shift, xs, ys, mv, sm)
+            done = np.flatnonzero(sm.all(axis=0))
+            last = int(done[0]) if done.size else nit - 1
+            xc, yc, moved = xs[:, last].copy(), ys[:, last].copy(), mv[:, last].copy()
+            sums = np.empty((x0.size, 9))
+            _centroid_final_nb(img_k, var_k, mask_k, use_mask, bits, xi, yi, half, xc, yc,
+                               r2max, inv2s2, sums)
+            s = sums[:, 0]
+            var_s = sums[:, 1]
+            npix = np.round(sums[:, 2]).astype(np.int64)
+            npossible = np.round(sums[:, 8]).astype(np.int64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cxx = sums[:, 3] / s
+                cxy = sums[:, 4] / s
+                cyy = sums[:, 5] / s
+                ex = _window_gain(cxx, sigma) * np.sqrt(sums[:, 6]) / np.abs(s)
+                ey = _window_gain(cyy, sigma) * np.sqrt(sums[:, 7]) / np.abs(s)
+                sn = s / np.sqrt(var_s)
+        else:
+            f, v, ok = _gather(image, variance, mask, xi, yi, half, mask_bits)
+            gx = xi[:, None, None] + off[None, None, :]      # pixel x of stamp columns
+            gy = yi[:, None, None] + off[None, :, None]
+            xc, yc = x0.copy(), y0.copy()
+            moved = np.zeros(x0.size, dtype=bool)
+            for _ in range(max(n_iter, 1)):
+                dx = gx - xc[:, None, None]
+                dy = gy - yc[:, None, None]
+                r2 = dx * dx + dy * dy
+                w = np.exp(-r2 * inv2s2) * (r2 <= r2max)
+                wf = w * f
+                s = wf.sum(axis=(1, 2))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mx = (wf * dx).sum(axis=(1, 2)) / s
+                    my = (wf * dy).sum(axis=(1, 2)) / s
+                    mxx = (wf * dx * dx).sum(axis=(1, 2)) / s - mx * mx
+                    myy = (wf * dy * dy).sum(axis=(1, 2)) / s - my * my
+                # for a Gaussian source the windowed mean offset understates the true one by
+                # the factor (1 - M / w^2); undo it (bounded) so each step lands on the centre
+                ok_s = s > 0
+                stepx = np.where(np.isfinite(mx) & ok_s, mx * _window_gain(mxx, sigma), 0.0)
+                stepy = np.where(np.isfinite(my) & ok_s, my * _window_gain(myy, sigma), 0.0)
+                xc = xc + np.clip(stepx, -1.0, 1.0)
+                yc = yc + np.clip(stepy, -1.0, 1.0)
+                far = np.hypot(xc - x0, yc - y0) > max_shift
+                moved |= far
+                xc = np.where(far, x0, xc)
+                yc = np.where(far, y0, yc)
+                if np.all(np.abs(stepx) < 1e-4) and np.all(np.abs(stepy) < 1e-4):
+                    break
             dx = gx - xc[:, None, None]
             dy = gy - yc[:, None, None]
             r2 = dx * dx + dy * dy
-            w = np.exp(-r2 * inv2s2) * (r2 <= r2max)
+            inwin = r2 <= r2max
+            w = np.exp(-r2 * inv2s2) * inwin
             wf = w * f
             s = wf.sum(axis=(1, 2))
+            var_s = (w * w * v).sum(axis=(1, 2))
+            npix = (ok & inwin).sum(axis=(1, 2))
+            npossible = inwin.sum(axis=(1, 2))
             with np.errstate(invalid="ignore", divide="ignore"):
-                mx = (wf * dx).sum(axis=(1, 2)) / s
-                my = (wf * dy).sum(axis=(1, 2)) / s
-                mxx = (wf * dx * dx).sum(axis=(1, 2)) / s - mx * mx
-                myy = (wf * dy * dy).sum(axis=(1, 2)) / s - my * my
-            # for a Gaussian source the windowed mean offset understates the true one by
-            # the factor (1 - M / w^2); undo it (bounded) so each step lands on the centre
-            ok_s = s > 0
-            stepx = np.where(np.isfinite(mx) & ok_s, mx * _window_gain(mxx, sigma), 0.0)
-            stepy = np.where(np.isfinite(my) & ok_s, my * _window_gain(myy, sigma), 0.0)
-            xc = xc + np.clip(stepx, -1.0, 1.0)
-            yc = yc + np.clip(stepy, -1.0, 1.0)
-            far = np.hypot(xc - x0, yc - y0) > max_shift
-            moved |= far
-            xc = np.where(far, x0, xc)
-            yc = np.where(far, y0, yc)
-            if np.all(np.abs(stepx) < 1e-4) and np.all(np.abs(stepy) < 1e-4):
-                break
-        dx = gx - xc[:, None, None]
-        dy = gy - yc[:, None, None]
-        r2 = dx * dx + dy * dy
-        inwin = r2 <= r2max
-        w = np.exp(-r2 * inv2s2) * inwin
-        wf = w * f
-        s = wf.sum(axis=(1, 2))
-        var_s = (w * w * v).sum(axis=(1, 2))
-        npix = (ok & inwin).sum(axis=(1, 2))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cxx = (wf * dx * dx).sum(axis=(1, 2)) / s
-            cxy = (wf * dx * dy).sum(axis=(1, 2)) / s
-            cyy = (wf * dy * dy).sum(axis=(1, 2)) / s
-            w2v = w * w * v
-            ex = _window_gain(cxx, sigma) * np.sqrt((w2v * dx * dx).sum(axis=(1, 2))) / np.abs(s)
-            ey = _window_gain(cyy, sigma) * np.sqrt((w2v * dy * dy).sum(axis=(1, 2))) / np.abs(s)
-            sn = s / np.sqrt(var_s)
+                cxx = (wf * dx * dx).sum(axis=(1, 2)) / s
+                cxy = (wf * dx * dy).sum(axis=(1, 2)) / s
+                cyy = (wf * dy * dy).sum(axis=(1, 2)) / s
+                w2v = w * w * v
+                ex = (_window_gain(cxx, sigma) * np.sqrt((w2v * dx * dx).sum(axis=(1, 2)))
+                      / np.abs(s))
+                ey = (_window_gain(cyy, sigma) * np.sqrt((w2v * dy * dy).sum(axis=(1, 2)))
+                      / np.abs(s))
+                sn = s / np.sqrt(var_s)
         flags = np.zeros(x0.size, dtype=np.uint16)
-        npossible = inwin.sum(axis=(1, 2))
         few = npix < 0.25 * npossible
         failed = ~(s > 0)
         flags[few] |= MOMENTS_FEW_PIXELS
@@ -818,33 +1451,54 @@ def kron_photometry(image: np.ndarray, variance: np.ndarray, mask: np.ndarray | 
     kflux = np.full(n, np.nan)
     flags = np.zeros(n, dtype=np.uint16)
     active = np.ones(n, dtype=bool)
-    for it in range(max(n_iter, 1)):
-        if it > 0:
-            new = np.where(np.isfinite(mrf), 6.0 * mrf, win)
-            if sb_min_factor > 0 and sky_sigma > 0:
-                with np.errstate(invalid="ignore"):
-                    rmax = np.sqrt(np.maximum(kflux, 0.0)) / np.sqrt(np.pi * sb_min_factor
-                                                                      * sky_sigma)
-                new = np.where(np.isfinite(kflux) & (kflux > 0), np.minimum(new, rmax), new)
-            win = np.clip(new, radius0, max_window)
-        sel = np.flatnonzero(active)
-        if sel.size == 0:
-            break
-        r1 = _radial_moment(image, variance, mask, x[sel], y[sel], win[sel], smooth_sigma,
-                            mask_bits)
-        good = np.isfinite(r1)
-        failed = sel[~good]
+    if _HAVE_NUMBA:
+        margin = int(np.ceil(2.0 * smooth_sigma)) if smooth_sigma > 0 else 0
+        if smooth_sigma > 0:
+            rad = int(2.0 * smooth_sigma + 0.5)          # scipy's radius for truncate=2
+            t = np.arange(-rad, rad + 1, dtype=np.float64)
+            kern = np.exp(-0.5 * t * t / smooth_sigma ** 2)
+            kern = (kern / kern.sum()).astype(np.float32)
+        else:
+            kern = np.zeros(0, np.float32)
+        xi = np.round(x).astype(np.int64)
+        yi = np.round(y).astype(np.int64)
+        kx = np.clip(np.round(2.0 * (x - xi)).astype(np.int64), -1, 1)
+        ky = np.clip(np.round(2.0 * (y - yi)).astype(np.int64), -1, 1)
+        failed = np.zeros(n, dtype=bool)
+        m_k, use_mask, bits = _kernel_mask(mask, mask_bits)
+        _kron_r1_nb(_kernel_image(image), m_k, use_mask, bits, x, y, xi, yi, kx, ky, win,
+                    max(n_iter, 1), float(radius0), float(max_window), float(sb_min_factor),
+                    float(sky_sigma), float(min_radius), float(kron_factor), margin, kern,
+                    _LADDER_STEPS, mrf, failed)
         flags[failed] |= KRON_FAILED
-        active[failed] = False
-        mrf[failed] = np.nan
-        gsel = sel[good]
-        mrf[gsel] = np.clip(r1[good], min_radius, win[gsel])
-        if gsel.size and it < max(n_iter, 1) - 1:
-            # only a guide for the next window: whole pixels with centres inside
-            fl, _, _ = _aperture_core(image, variance, mask, x[gsel], y[gsel],
-                                      (kron_factor * mrf[gsel])[:, None], mask_bits,
-                                      exact=False)
-            kflux[gsel] = fl[:, 0]
+    else:
+        for it in range(max(n_iter, 1)):
+            if it > 0:
+                new = np.where(np.isfinite(mrf), 6.0 * mrf, win)
+                if sb_min_factor > 0 and sky_sigma > 0:
+                    with np.errstate(invalid="ignore"):
+                        rmax = np.sqrt(np.maximum(kflux, 0.0)) / np.sqrt(np.pi * sb_min_factor
+                                                                          * sky_sigma)
+                    new = np.where(np.isfinite(kflux) & (kflux > 0), np.minimum(new, rmax), new)
+                win = np.clip(new, radius0, max_window)
+            sel = np.flatnonzero(active)
+            if sel.size == 0:
+                break
+            r1 = _radial_moment(image, variance, mask, x[sel], y[sel], win[sel], smooth_sigma,
+                                mask_bits)
+            good = np.isfinite(r1)
+            failed = sel[~good]
+            flags[failed] |= KRON_FAILED
+            active[failed] = False
+            mrf[failed] = np.nan
+            gsel = sel[good]
+            mrf[gsel] = np.clip(r1[good], min_radius, win[gsel])
+            if gsel.size and it < max(n_iter, 1) - 1:
+                # only a guide for the next window: whole pixels with centres inside
+                fl, _, _ = _aperture_core(image, variance, mask, x[gsel], y[gsel],
+                                          (kron_factor * mrf[gsel])[:, None], mask_bits,
+                                          exact=False)
+                kflux[gsel] = fl[:, 0]
     ok = np.isfinite(mrf)
     out["MOMENTS_R1"] = mrf
     out["KRON_RADIUS"] = kron_factor * mrf
