@@ -166,6 +166,11 @@ def test_each_failure_mode_is_the_right_fault_and_revert_completes(campaign):
 def test_watch_picks_up_new_exposures_and_stops_on_sigterm(tmp_path):
     store = tmp_path / "datastore"
     first = make_exposure(store, *NIGHT[0], seed=0)
+    # Backdate the first exposure past the settle time so poll 1 lists it however fast the
+    # machine is; the second one, added later, must wait out the settle time itself.
+    old = time.time() - 60
+    for f in [*(store / NIGHT[0][0]).iterdir(), store / NIGHT[0][0]]:
+        os.utime(f, (old, old))
     camp = tmp_path / "campaign"
     Ledger.create(camp / "ledger.h5").close()
     env = dict(os.environ, PYTHONPATH=str(REPO))
