@@ -119,6 +119,9 @@ class RunReport:
     wall_s: float = 0.0
     exit_code: int = 0
     busy_s: float = 0.0  # seconds this rank spent inside units
+    wait_s: float = 0.0  # seconds this rank was blocked in its group's collectives
+    idle_s: float = 0.0  # seconds this rank (a group leader) waited for the coordinator
+    unit_wait_s: float = 0.0  # the part of wait_s spent inside units (also in busy_s)
 
 
 def region_order(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
@@ -347,26 +350,36 @@ def _run_one(stage: "Stage", unit: WorkUnit, ctx: "StageContext", timeout: float
 
 
 def _worker(stage: "Stage", ctx: "StageContext", ctl: MPI.Intracomm, group: World,
-            timeout: float, report_s: float = 0.25) -> tuple[dict, float]:
-    """The loop every rank runs: leaders pull blocks from the coordinator, groups follow."""
+            timeout: float, report_s: float = 0.25) -> tuple[dict, float, float, float]:
+    """The loop every rank runs: leaders pull blocks from the coordinator, groups follow.
+
+    Returns the coordinator's stop message, the seconds spent in units, the seconds spent
+    waiting for the coordinator's replies and the seconds blocked in collectives inside units.
+    """
     leader = group.rank == 0
     busy = 0.0
+    idle = 0.0
+    unit_wait = 0.0
     results: list[tuple] = []
     last_report = time.monotonic()
     while True:
         if leader:
             ctl.send({"results": results, "want": True}, dest=0, tag=TAG_REQUEST)
             results = []
+            t_ask = time.monotonic()
             reply = _receive(ctl, source=0, tag=TAG_REPLY)
             last_report = time.monotonic()
+            idle += last_report - t_ask
         else:
             reply = None
         if group.size > 1:
             reply = group.bcast_object(reply, root=0)
         if "stop" in reply:
-            return reply, busy
+            return reply, busy, idle, unit_wait
         for index, unit in reply["units"]:
+            wait0 = group.wait_s
             res = _run_one(stage, unit, ctx, timeout)
+            unit_wait += group.wait_s - wait0
             if group.size > 1:  # the group agrees: one failed member faults the unit
                 worst = group.allreduce(np.array([res[0]], np.int32), op="max")[0]
                 if worst and not res[0]:
@@ -413,7 +426,7 @@ def run_units(stage: "Stage", ctx: "StageContext", ledger: Ledger | None,
         thread = threading.Thread(target=coordinator.serve, name="coordinator", daemon=True)
         thread.start()
     sub_ctx = ctx.with_group(group)
-    stop, busy = _worker(stage, sub_ctx, ctl, group, timeout)
+    stop, busy, idle, unit_wait = _worker(stage, sub_ctx, ctl, group, timeout)
     if thread is not None:
         thread.join()
         if coordinator.error is not None:
@@ -422,4 +435,5 @@ def run_units(stage: "Stage", ctx: "StageContext", ledger: Ledger | None,
     ctl.Free()
     return RunReport(stage=stage.name, units=int(stop["units"]), done=int(stop["done"]),
                      faulted=int(stop["faulted"]), bad_quality=int(stop["bad_quality"]),
-                     wall_s=time.time() - t0, exit_code=int(stop["stop"]), busy_s=busy)
+                     wall_s=time.time() - t0, exit_code=int(stop["stop"]), busy_s=busy,
+                     wait_s=group.wait_s, idle_s=idle, unit_wait_s=unit_wait)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
@@ -29,14 +29,18 @@ class CollectiveTimeout(RuntimeError):
 
 
 def wait_for(request: MPI.Request, *, timeout: float = DEFAULT_TIMEOUT, what: str = "MPI request",
-             status: MPI.Status | None = None) -> None:
-    """Wait for ``request`` by polling with a growing sleep; raise after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+             status: MPI.Status | None = None) -> float:
+    """Wait for ``request`` by polling with a growing sleep; raise after ``timeout`` seconds.
+
+    Returns the seconds spent waiting.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     delay = 2e-5
     while True:
         done = request.Test(status) if status is not None else request.Test()
         if done:
-            return
+            return time.monotonic() - t0
         if time.monotonic() > deadline:
             request.Cancel()
             raise CollectiveTimeout(f"{what} did not complete within {timeout:.0f} s")
@@ -46,9 +50,15 @@ def wait_for(request: MPI.Request, *, timeout: float = DEFAULT_TIMEOUT, what: st
 
 @dataclass
 class World:
-    """An MPI communicator with buffer-based, deadline-guarded collectives."""
+    """An MPI communicator with buffer-based, deadline-guarded collectives.
+
+    ``wait_s`` accumulates the seconds this rank has spent blocked in this world's collectives
+    (every call below goes through :meth:`wait`); a stage run reads it to report the time
+    lost waiting for peers. A world made by :meth:`split` starts its own count at zero.
+    """
 
     comm: MPI.Intracomm
+    wait_s: float = field(default=0.0, compare=False)
 
     @classmethod
     def from_mpi(cls, comm: MPI.Intracomm | None = None) -> "World":
@@ -75,13 +85,22 @@ class World:
         """Sub-communicator of the ranks sharing ``color`` (collective over this world)."""
         return World(self.comm.Split(color, self.rank if key is None else key))
 
+    def wait(self, request: MPI.Request, *, timeout: float = DEFAULT_TIMEOUT,
+             what: str = "MPI request") -> None:
+        """:func:`wait_for` ``request``, adding the time waited to :attr:`wait_s`."""
+        t0 = time.monotonic()
+        try:
+            wait_for(request, timeout=timeout, what=what)
+        finally:
+            self.wait_s += time.monotonic() - t0
+
     def free(self) -> None:
         if self.comm != MPI.COMM_WORLD:
             self.comm.Free()
 
     # ------------------------------------------------------------------ collectives
     def barrier(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        wait_for(self.comm.Ibarrier(), timeout=timeout, what="barrier")
+        self.wait(self.comm.Ibarrier(), timeout=timeout, what="barrier")
 
     def bcast_array(self, array: np.ndarray | None, *, root: int = 0,
                     timeout: float = DEFAULT_TIMEOUT) -> np.ndarray:
@@ -93,16 +112,16 @@ class World:
         meta = self.bcast_object(meta, root=root, timeout=timeout)
         if self.rank != root:
             array = np.empty(meta[1], dtype=np.dtype(meta[0]))
-        wait_for(self.comm.Ibcast(_buffer(array), root=root), timeout=timeout, what="Bcast")
+        self.wait(self.comm.Ibcast(_buffer(array), root=root), timeout=timeout, what="Bcast")
         return array
 
     def bcast_object(self, obj, *, root: int = 0, timeout: float = DEFAULT_TIMEOUT):
         """Broadcast a small Python object (metadata only; arrays go through bcast_array)."""
         payload = np.frombuffer(_pickle(obj), np.uint8) if self.rank == root else None
         n = np.array([payload.size if payload is not None else 0], np.int64)
-        wait_for(self.comm.Ibcast(n, root=root), timeout=timeout, what="Bcast (size)")
+        self.wait(self.comm.Ibcast(n, root=root), timeout=timeout, what="Bcast (size)")
         buf = payload.copy() if payload is not None else np.empty(int(n[0]), np.uint8)
-        wait_for(self.comm.Ibcast(buf, root=root), timeout=timeout, what="Bcast (object)")
+        self.wait(self.comm.Ibcast(buf, root=root), timeout=timeout, what="Bcast (object)")
         return _unpickle(buf.tobytes())
 
     def gatherv(self, array: np.ndarray, *, root: int = 0,
@@ -123,12 +142,12 @@ class World:
             displs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             recv = [out.view(np.uint8).reshape(-1), (sizes.tolist(), displs.tolist()), MPI.BYTE]
         send = [array.view(np.uint8).reshape(-1), MPI.BYTE]
-        wait_for(self.comm.Igatherv(send, recv, root=root), timeout=timeout, what="Gatherv")
+        self.wait(self.comm.Igatherv(send, recv, root=root), timeout=timeout, what="Gatherv")
         return out
 
     def allgather_int(self, value: int, *, timeout: float = DEFAULT_TIMEOUT) -> np.ndarray:
         out = np.empty(self.size, np.int64)
-        wait_for(self.comm.Iallgather(np.array([value], np.int64), out), timeout=timeout,
+        self.wait(self.comm.Iallgather(np.array([value], np.int64), out), timeout=timeout,
                  what="Allgather")
         return out
 
@@ -138,7 +157,7 @@ class World:
         array = np.ascontiguousarray(array)
         out = np.empty_like(array)
         mpi_op = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}[op]
-        wait_for(self.comm.Iallreduce(array, out, op=mpi_op), timeout=timeout, what="Allreduce")
+        self.wait(self.comm.Iallreduce(array, out, op=mpi_op), timeout=timeout, what="Allreduce")
         return out
 
     def agree(self, ok: bool, *, timeout: float = DEFAULT_TIMEOUT) -> bool:
