@@ -1,13 +1,18 @@
 """Run a campaign: a region of sky through every stage, in order, through one ledger.
 
   mpiexec -n 4 ps1mpi campaign --ledger RUN/ledger.h5 --campaign campaign.toml [--until STAGE]
-  mpiexec -n 2 ps1mpi campaign --demo DIR [--until STAGE]
+  mpiexec -n 2 ps1mpi campaign --demo DIR [--until STAGE] [--overlap]
 
 Reads: the datastore named in the campaign definition (or, with --demo, a simulated survey
 made in DIR/sim and served on loopback by rank 0), the recipes. Writes: products under the
 campaign directory (the ledger's), the ledger, a summary on stdout and summary.json, and a
 static HTML report (DIR/report/index.html). Run the same command again after a crash: it does
 only what is missing.
+
+By default each stage runs to completion before the next starts; --overlap runs all stages in
+one distribution, later stages taking up exposures as soon as the ledger says they are ready
+(same products; docs/campaign.md compares the two). The camera and stack stages use groups
+of ranks per unit only when they have fewer units than ranks (--groups recipe: always).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from ..campaign import CampaignDefinition, format_summary, run_campaign, stage_names, summarise
+from ..campaign import (GROUP_POLICIES, CampaignDefinition, format_summary, run_campaign,
+                        stage_names, summarise)
 from ..infra.config import RecipeError, load_recipe
 from ..infra.ledger import Ledger, LedgerError
 from ..infra.log import setup_logging, unit_logger
@@ -44,6 +50,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--logdir", type=Path)
     p.add_argument("--preset", default="demo", help="simulated survey preset for --demo")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--overlap", action="store_true",
+                   help="overlap the stages (one distribution for all; see docs/campaign.md)")
+    p.add_argument("--groups", choices=GROUP_POLICIES, default="adaptive",
+                   help="ranks per unit of the camera and stack stages: 'adaptive' (default) "
+                   "groups ranks only when a stage has fewer units than ranks, 'recipe' always "
+                   "uses their group_size (same products)")
     return p.parse_args(argv)
 
 
@@ -116,7 +128,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run_campaign(world, ledger=ledger, root=root, ledger_path=ledger_path,
-                              recipe=recipe, campaign=campaign, until=args.until, log=log)
+                              recipe=recipe, campaign=campaign, until=args.until,
+                              overlap=args.overlap, groups=args.groups, log=log)
     finally:
         if server:
             server.stop()
