@@ -14,23 +14,26 @@ from astropy.io import fits
 from scipy import integrate
 
 from ps1mpi.algorithms import maskbits
-from ps1mpi.algorithms.psf import (ALPHA, PSFModel, fit_psf_model, grid_order_for_stars,
-                                   grid_weights, ps1v1_half_max_z, ps1v1_integral,
-                                   ps1v1_params, ps1v1_profile, shape_matrix, shape_params)
+from ps1mpi.algorithms import psf as psfmod
+from ps1mpi.algorithms.psf import (ALPHA, MODEL_ALPHA, PSFModel, adaptive_moments,
+                                   fit_psf_model, grid_order_for_stars, grid_weights,
+                                   ps1v1_half_max_z, ps1v1_integral, ps1v1_params,
+                                   ps1v1_profile, shape_matrix, shape_params)
 from ps1mpi.algorithms.psfphot import fit_psf_photometry
 
 SKY = 200.0     # electrons per pixel
 READ = 5.0      # electrons
 
 
-def render(shape, x, y, flux, sx, sy, sxy, k, *, half=40):
-    """Noise-free image (electrons) of PS1_V1 stars with per-star parameters."""
+def render(shape, x, y, flux, sx, sy, sxy, k, *, half=40, alpha=ALPHA):
+    """Noise-free image (electrons) of PS1_V1 (or, with ``alpha``, QGAUSS) stars with
+    per-star parameters."""
     ny, nx = shape
     img = np.zeros(shape)
     x, y, flux = (np.atleast_1d(np.asarray(a, dtype=float)) for a in (x, y, flux))
     sx, sy, sxy, k = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (sx, sy, sxy, k)),
                                          x)[:4]
-    p = ps1v1_params(sx, sy, sxy, k)
+    p = ps1v1_params(sx, sy, sxy, k, alpha=alpha)
     g = np.arange(-half, half + 1)
     for i in range(x.size):
         xs = int(round(x[i])) + g
@@ -52,10 +55,14 @@ def observe(img, rng):
 
 def scatter_positions(rng, n, shape, margin, min_sep):
     pts: list[np.ndarray] = []
-    while len(pts) < n:
+    for _ in range(200 * n):  # bounded: too many stars for the area must fail, not hang
+        if len(pts) == n:
+            break
         p = rng.uniform(margin, np.array(shape[::-1]) - margin)
         if all(np.hypot(*(p - q)) > min_sep for q in pts):
             pts.append(p)
+    if len(pts) < n:
+        raise ValueError(f"cannot place {n} stars {min_sep} px apart in {shape}")
     a = np.array(pts)
     return a[:, 0], a[:, 1]
 
@@ -76,6 +83,27 @@ def test_integral_matches_adaptive_quadrature(k, zmax):
 def test_half_max(k):
     z = ps1v1_half_max_z(k)
     assert 1.0 / (1.0 + k * z + z ** ALPHA) == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [-0.5, 0.0, 1.7, 15.0])
+@pytest.mark.parametrize("zmax", [0.3, 7.0, 3e4])
+def test_integral_and_half_max_of_qgauss(k, zmax):
+    alpha = MODEL_ALPHA["QGAUSS"]
+
+    def prof(z):
+        return 1.0 / (1.0 + k * z + z ** alpha)
+
+    # reference: adaptive quadrature in z below 1 and in log(z) above
+    want = integrate.quad(prof, 0, min(zmax, 1.0), epsabs=0, epsrel=1e-12)[0]
+    if zmax > 1:
+        want += integrate.quad(lambda s_: math.exp(s_) * prof(math.exp(s_)), 0.0,
+                               math.log(zmax), limit=400, epsabs=0, epsrel=1e-12)[0]
+    assert ps1v1_integral(k, zmax, alpha=alpha) == pytest.approx(want, rel=2e-7)
+    z = ps1v1_half_max_z(k, alpha=alpha)
+    assert 1.0 / (1.0 + k * z + z ** alpha) == pytest.approx(0.5, abs=1e-12)
+    # the QGAUSS wings fall faster: less light beyond the same contour than PS1_V1
+    if zmax > 100:
+        assert ps1v1_integral(k, zmax, alpha=alpha) < ps1v1_integral(k, zmax)
 
 
 def test_shape_matrix_roundtrip_and_axes():
@@ -219,6 +247,33 @@ def test_fits_roundtrip(tmp_path):
         PSFModel.from_hdulist(hl)
 
 
+def test_qgauss_fits_roundtrip_and_family_validation(tmp_path):
+    psf = PSFModel.constant((300, 400), sigma_x=2.2, sigma_y=1.9, sxy=0.01, k=1.7,
+                            model="QGAUSS", model_chi2={"PS1_V1": 1234.5, "QGAUSS": 1001.25})
+    assert psf.alpha == MODEL_ALPHA["QGAUSS"]
+    psf.to_fits(tmp_path / "q.fits")
+    back = PSFModel.from_fits(tmp_path / "q.fits")
+    assert back.model == "QGAUSS" and back.model_chi2 == psf.model_chi2
+    x, y = np.array([10.3, 200.0, 391.7]), np.array([5.5, 150.2, 290.9])
+    assert np.array_equal(back.evaluate(x, y, size=31), psf.evaluate(x, y, size=31))
+    with fits.open(tmp_path / "q.fits") as h:
+        assert h[0].header["PSFMODEL"] == "QGAUSS"
+        assert h[0].header["PSFALPHA"] == pytest.approx(2.25)
+    # the profile is the QGAUSS form: its half maximum where k z + z^2.25 = 1
+    shp = psf.shape_at(100.0, 100.0)
+    p = psf.source_params(100.0, 100.0)
+    t = math.radians(float(shp.theta))
+    r = 0.5 * float(shp.fwhm_major)
+    v = ps1v1_profile(np.array(r * math.cos(t)), np.array(r * math.sin(t)), p)
+    assert v / p.norm == pytest.approx(0.5, abs=1e-9)
+    hl = psf.to_hdulist()
+    hl[0].header["PSFALPHA"] = 1.666
+    with pytest.raises(ValueError, match="PSFALPHA"):
+        PSFModel.from_hdulist(hl)
+    with pytest.raises(ValueError, match="unknown model family"):
+        PSFModel.constant((10, 10), sigma_x=2, sigma_y=2, model="MOFFAT")
+
+
 def test_model_validation():
     with pytest.raises(ValueError, match="one shape"):
         PSFModel((10, 10), np.ones((2, 2)), np.ones((2, 3)), np.zeros((2, 2)), np.zeros((2, 2)))
@@ -261,6 +316,10 @@ def test_fit_recovers_spatially_varying_psf():
     psf = fit_psf_model(data, var, mask, xi, yi, gain=1.0)
 
     assert psf.grid_shape[0] > 1 and psf.grid_shape[1] > 1     # a varying model was chosen
+    # PS1_V1 stars: that family is chosen over QGAUSS, and k is allowed to vary
+    assert psf.model == "PS1_V1"
+    assert psf.model_chi2["PS1_V1"] < psf.model_chi2["QGAUSS"]
+    assert np.ptp(psf.k) > 0
     assert psf.n_psf_stars > 250
     assert not np.isin(np.arange(x.size, x.size + 4), psf.psf_star_index).any()
     corners = np.array([[0, 0], [999, 0], [0, 999], [999, 999], [500, 500]], dtype=float)
@@ -360,3 +419,167 @@ def test_fit_input_errors():
         fit_psf_model(img, var, mask, [1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="PSF stars"):
         fit_psf_model(img, var, mask, [25.0, 10.0, 40.0], [25.0, 30.0, 12.0])
+
+
+def test_qgauss_stars_choose_the_qgauss_family():
+    """Stars drawn from QGAUSS: the family with the lower chi-square on the free fits of the
+    brightest stars is QGAUSS, and the fitted model reproduces the truth (shape and k)."""
+    rng = np.random.default_rng(11)
+    shape = (500, 500)
+    x, y = scatter_positions(rng, 110, shape, 20, 35)
+    flux = 10 ** rng.uniform(4.0, 5.5, x.size)
+    sx, sy, sxy, k = 2.3, 2.0, 0.015, 1.6
+    img = render(shape, x, y, flux, sx, sy, sxy, k, alpha=MODEL_ALPHA["QGAUSS"])
+    data, var, mask = observe(img, rng)
+    psf = fit_psf_model(data, var, mask, x + rng.normal(0, .2, x.size),
+                        y + rng.normal(0, .2, x.size), gain=1.0)
+    assert psf.model == "QGAUSS"
+    assert psf.model_chi2["QGAUSS"] < 0.9 * psf.model_chi2["PS1_V1"]
+    got = psf.params_at(250.0, 250.0)
+    assert float(got[0]) == pytest.approx(sx, rel=0.03)
+    assert float(got[1]) == pytest.approx(sy, rel=0.03)
+    assert float(got[3]) == pytest.approx(k, rel=0.1)
+    tm = PSFModel.constant(shape, sigma_x=sx, sigma_y=sy, sxy=sxy, k=k, model="QGAUSS")
+    a = psf.evaluate(250.3, 249.6, size=41)
+    b = tm.evaluate(250.3, 249.6, size=41)
+    assert np.abs(a - b).max() < 0.01 * b.max()
+    # forcing the wrong family is possible and fits worse
+    only = fit_psf_model(data, var, mask, x, y, gain=1.0, models="PS1_V1", residuals=False)
+    assert only.model == "PS1_V1" and only.model_chi2 == {}
+    assert only.chi2_dof > psf.chi2_dof + 0.05
+    with pytest.raises(ValueError, match="models"):
+        fit_psf_model(data, var, mask, x, y, models=("PS1_V1", "GAUSS"))
+
+
+def test_constant_k_is_chosen_when_only_the_size_varies():
+    """k is the same everywhere while the size and ellipticity vary: cross-validation prefers
+    one k for the image (fewer free values; k and the size trade off star by star) and the
+    FWHM is still right at the corners."""
+    rng = np.random.default_rng(3)
+    shape = (1000, 1000)
+
+    def truth(xp, yp):
+        u, v = np.asarray(xp) / 1000.0, np.asarray(yp) / 1000.0
+        return (2.0 + 0.5 * u + 0.1 * v, 1.8 + 0.3 * v - 0.1 * u, 0.03 * (u - v),
+                np.full(np.shape(u), 0.6))
+
+    x, y = scatter_positions(rng, 430, shape, 15, 30)
+    flux = 10 ** rng.uniform(3.9, 5.6, x.size)
+    data, var, mask = observe(render(shape, x, y, flux, *truth(x, y)), rng)
+    psf = fit_psf_model(data, var, mask, x + rng.normal(0, .3, x.size),
+                        y + rng.normal(0, .3, x.size), gain=1.0)
+    assert psf.grid_shape[0] > 1
+    assert np.ptp(psf.k) == 0.0
+    assert float(psf.k[0, 0]) == pytest.approx(0.6, abs=0.06)
+    corners = np.array([[0, 0], [999, 0], [0, 999], [999, 999], [500, 500]], dtype=float)
+    for (cx, cy), sx_, sy_, sxy_, k_ in zip(corners, *truth(corners[:, 0], corners[:, 1])):
+        tm = PSFModel.constant(shape, sigma_x=sx_, sigma_y=sy_, sxy=sxy_, k=k_)
+        assert float(psf.shape_at(cx, cy).fwhm_major) == pytest.approx(
+            float(tm.shape_at(cx, cy).fwhm_major), rel=0.015)
+        assert float(psf.shape_at(cx, cy).fwhm_minor) == pytest.approx(
+            float(tm.shape_at(cx, cy).fwhm_minor), rel=0.015)
+
+
+def test_simulator_psf_wings_are_modelled():
+    """The simulator's PSF (Moffat beta=3 core plus 6% in a Moffat beta=2.5 wing 2.5 times
+    wider) is not in either family.  QGAUSS is chosen and its wings follow the truth out to
+    the neighbour-subtraction radius, where PS1_V1 (r^-3.33) is several times too bright."""
+    from ps1mpi.sim import psf as simpsf
+
+    rng = np.random.default_rng(8)
+    shape = (600, 600)
+    epsf = simpsf.ExposurePSF(seeing=1.0, pixel_scale=0.258)
+    fw = epsf.core_fwhm / 0.258
+    x, y = scatter_positions(rng, 100, shape, 25, 40)
+    flux = 10 ** rng.uniform(4.0, 5.7, x.size)
+    one = np.ones(x.size)
+    st, ix, iy = simpsf.render_point_stamps(x, y, fw * one, 0.02 * one, -0.01 * one, psf=epsf,
+                                            radius=64)
+    img = np.zeros(shape, np.float32)
+    simpsf.add_stamps(img, st, ix, iy, flux)
+    data, var, mask = observe(img.astype(float), rng)
+    both = fit_psf_model(data, var, mask, x, y, gain=1.0)
+    v1 = fit_psf_model(data, var, mask, x, y, gain=1.0, models="PS1_V1")
+    assert both.model == "QGAUSS"
+    # azimuthal profile of the truth and of both models (normalised in the core)
+    R = 30
+    t = simpsf.render_point_stamps(np.array([300.0]), np.array([300.0]), np.array([fw]),
+                                   np.array([0.02]), np.array([-0.01]), psf=epsf,
+                                   radius=R)[0][0].astype(float)
+    g = np.arange(-R, R + 1)
+    r = np.hypot(g[None, :], g[:, None])
+    for model, lo, hi in ((both, 0.8, 1.25), (v1, 2.0, 50.0)):
+        m = model.evaluate(300.0, 300.0, size=2 * R + 1)[0]
+        m = m * t[r <= 2].sum() / m[r <= 2].sum()
+        for rad in (12, 18, 25):
+            ring = (r >= rad) & (r < rad + 1)
+            ratio = m[ring].mean() / t[ring].mean()
+            assert lo < ratio < hi, (model.model, rad, ratio)
+
+
+def test_compiled_kernels_match_numpy():
+    """The numba kernels (free fits of the PSF stars, adaptive moments) give the numpy
+    results (same iteration; double against single precision for the moments)."""
+    rng = np.random.default_rng(12)
+    shape = (300, 300)
+    x, y = scatter_positions(rng, 40, shape, 20, 35)
+    flux = 10 ** rng.uniform(3.8, 5.3, x.size)
+    data, var, mask = observe(render(shape, x, y, flux, 2.1, 1.9, 0.02, 0.6), rng)
+    hr = 13
+    sz = 2 * hr + 1
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    d, _ = psfmod.extract_boxes(data, ix - hr, iy - hr, sz, sz)
+    v, _ = psfmod.extract_boxes(var, ix - hr, iy - hr, sz, sz, fill=1)
+    g = np.arange(sz, dtype=float)
+    xg = np.broadcast_to((ix - hr)[:, None, None] + g[None, None, :], (x.size, sz, sz)) * 1.0
+    yg = np.broadcast_to((iy - hr)[:, None, None] + g[None, :, None], (x.size, sz, sz)) * 1.0
+    good = (xg - x[:, None, None]) ** 2 + (yg - y[:, None, None]) ** 2 <= 12 ** 2
+    p0 = np.column_stack([d.max(axis=(1, 2)), x + 0.2, y - 0.1, np.full(x.size, 0.25),
+                          np.full(x.size, 0.28), np.zeros(x.size), np.full(x.size, 0.5)])
+    kw = dict(gain=1.0, max_iter=40, box=float(sz), floor=np.full(x.size, 50.0))
+    for alpha in MODEL_ALPHA.values():
+        a = psfmod._fit_free_ps1v1(d.astype(float), v.astype(float), good, xg, yg, p0,
+                                   alpha=alpha, use_numba=False, **kw)
+        b = psfmod._fit_free_ps1v1(d.astype(float), v.astype(float), good, xg, yg, p0,
+                                   alpha=alpha, use_numba=True, **kw)
+        assert a[4].sum() >= x.size - 1 and np.array_equal(a[4], b[4])
+        ok = a[4]
+        err = np.sqrt(np.einsum("nii->ni", a[1][ok]))
+        assert np.all(np.abs(a[0][ok] - b[0][ok]) <= 1e-6 * err)
+        assert np.allclose(a[1][ok], b[1][ok], rtol=1e-6, atol=1e-12)
+        assert np.allclose(a[2][ok], b[2][ok], rtol=1e-9)
+    # adaptive moments: the compiled path against numpy
+    hm = 15
+    dm, ins = psfmod.extract_boxes(data, ix - hm, iy - hm, 2 * hm + 1, 2 * hm + 1)
+    args = (dm.astype(float), ins, x - (ix - hm), y - (iy - hm))
+    got = adaptive_moments(*args)
+    try:
+        psfmod.HAVE_NUMBA = False
+        want = adaptive_moments(*args)
+    finally:
+        psfmod.HAVE_NUMBA = True
+    assert np.array_equal(got[5], want[5]) and got[5].all()
+    for a_, b_ in zip(got[:5], want[:5]):
+        assert np.allclose(a_, b_, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_table_separable_evaluation():
+    """On pixel grids the residual table is evaluated as Wy T Wx^T; the values and the
+    derivatives equal the element-wise bilinear interpolation."""
+    rng = np.random.default_rng(13)
+    psf = PSFModel.constant((100, 100), sigma_x=2.2, sigma_y=1.9, sxy=0.05, k=0.8,
+                            residual=rng.normal(0, 1e-3, (17, 17)))
+    x, y = rng.uniform(30, 70, 25), rng.uniform(30, 70, 25)
+    x[0], y[0] = 50.0, 47.0                    # on a pixel centre
+    size = 31
+    ox, oy = psf.stamp_origin(x, y, size)
+    g = np.arange(size, dtype=float)
+    dx = ox[:, None, None] + g[None, None, :] - x[:, None, None]
+    dy = oy[:, None, None] + g[None, :, None] - y[:, None, None]
+    fast = psf._residual_at(dx, dy, True)
+    full = psf._residual_at(np.broadcast_to(dx, (25, size, size)).copy(),
+                            np.broadcast_to(dy, (25, size, size)).copy(), True)
+    assert fast[0].shape == (25, size, size)
+    for a, b in zip(fast, full):
+        assert np.allclose(a, b, rtol=0, atol=1e-15)
+    assert np.abs(full[0]).max() > 1e-3

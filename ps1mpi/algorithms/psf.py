@@ -53,8 +53,16 @@ from scipy.spatial import cKDTree
 
 from ps1mpi.algorithms import maskbits
 
+try:  # numba is a project dependency; the numpy paths compute the same results without it
+    import numba as _numba
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    _numba = None
+
+HAVE_NUMBA = _numba is not None
+
 __all__ = [
     "ALPHA",
+    "MODEL_ALPHA",
     "K_LIMITS",
     "PSFParams",
     "PSFShape",
@@ -76,6 +84,10 @@ __all__ = [
 ALPHA = 1.666
 """Power-law index of the PS1_V1 profile in ``z`` (r**3.33)."""
 
+MODEL_ALPHA: dict[str, float] = {"PS1_V1": ALPHA, "QGAUSS": 2.25}
+"""The analytic model families ``f = I0 / (1 + k z + z**alpha)`` and their power-law index:
+psphot's ``PS_MODEL_PS1_V1`` (wings fall as r**-3.33) and ``PS_MODEL_QGAUSS`` (r**-4.5)."""
+
 K_LIMITS = (-1.0, 20.0)
 """Allowed range of the linear term ``k`` (psphot's lax limits; the profile stays positive)."""
 
@@ -88,12 +100,14 @@ _FORMAT_VERSION = 1
 # Profile helpers
 # ---------------------------------------------------------------------------------------------
 
-def ps1v1_integral(k: np.ndarray | float, zmax: np.ndarray | float) -> np.ndarray:
-    """``int_0^zmax dz / (1 + k z + z**ALPHA)``, vectorised.
+def ps1v1_integral(k: np.ndarray | float, zmax: np.ndarray | float, *,
+                   alpha: float = ALPHA) -> np.ndarray:
+    """``int_0^zmax dz / (1 + k z + z**alpha)``, vectorised.
 
     Together with ``2 pi sqrt(det M)`` this is the flux of the unit-peak profile inside the
-    contour ``z = zmax``.  Gauss-Legendre quadrature in ``s = log(1 + z)`` (48 nodes, two
-    segments); relative accuracy better than 1e-7 for ``k`` in :data:`K_LIMITS`.
+    contour ``z = zmax``.  Gauss-Legendre quadrature in ``z`` below 1 and in ``s = log(z)``
+    above (48 nodes per segment); relative accuracy better than 1e-7 for ``k`` in
+    :data:`K_LIMITS`.
 
     Parameters
     ----------
@@ -101,6 +115,8 @@ def ps1v1_integral(k: np.ndarray | float, zmax: np.ndarray | float) -> np.ndarra
         Linear term of the profile (dimensionless).
     zmax : array_like
         Upper limit of the integral in ``z`` (dimensionless), ``>= 0``.
+    alpha : float
+        Power-law index of the family (:data:`MODEL_ALPHA`; PS1_V1 by default).
 
     Returns
     -------
@@ -112,31 +128,33 @@ def ps1v1_integral(k: np.ndarray | float, zmax: np.ndarray | float) -> np.ndarra
     k, zmax = np.broadcast_arrays(k, zmax)
     out = np.zeros(k.shape)
     # segment 1: z in [0, min(zmax, 1)], plain in z (the profile is smooth there but for the
-    # weak z**1.666 cusp at 0); segment 2: [1, zmax] in s = log(z).
+    # weak z**alpha cusp at 0); segment 2: [1, zmax] in s = log(z).
     z1 = np.minimum(zmax, 1.0)
     zz = 0.5 * z1[..., None] * (_GL_T + 1.0)
-    f = 1.0 / (1.0 + k[..., None] * zz + zz ** ALPHA)
+    f = 1.0 / (1.0 + k[..., None] * zz + zz ** alpha)
     out += 0.5 * z1 * np.sum(_GL_W * f, axis=-1)
     hi = zmax > 1.0
     if np.any(hi):
         s1 = np.log(np.where(hi, zmax, 1.0))
         s = 0.5 * s1[..., None] * (_GL_T + 1.0)
         zz = np.exp(s)
-        f = zz / (1.0 + k[..., None] * zz + zz ** ALPHA)
+        f = zz / (1.0 + k[..., None] * zz + zz ** alpha)
         out += np.where(hi, 0.5 * s1 * np.sum(_GL_W * f, axis=-1), 0.0)
     return out
 
 
-def ps1v1_half_max_z(k: np.ndarray | float) -> np.ndarray:
-    """Value of ``z`` at which the unit-peak PS1_V1 profile falls to one half.
+def ps1v1_half_max_z(k: np.ndarray | float, *, alpha: float = ALPHA) -> np.ndarray:
+    """Value of ``z`` at which the unit-peak profile falls to one half.
 
-    Solves ``k z + z**ALPHA = 1`` by Newton's method from the right (the left side is convex
+    Solves ``k z + z**alpha = 1`` by Newton's method from the right (the left side is convex
     and increasing beyond its minimum, so the iteration converges monotonically).
 
     Parameters
     ----------
     k : array_like
         Linear term of the profile.
+    alpha : float
+        Power-law index of the family (:data:`MODEL_ALPHA`; PS1_V1 by default).
 
     Returns
     -------
@@ -145,11 +163,11 @@ def ps1v1_half_max_z(k: np.ndarray | float) -> np.ndarray:
         scale ``s`` is ``s * sqrt(2 z_half)``.
     """
     k = np.asarray(k, dtype=np.float64)
-    z = np.where(k >= 0, 1.0, (1.0 + np.abs(k)) ** (1.0 / (ALPHA - 1.0)))
+    z = np.where(k >= 0, 1.0, (1.0 + np.abs(k)) ** (1.0 / (alpha - 1.0)))
     for _ in range(60):
-        zp = z ** (ALPHA - 1.0)
+        zp = z ** (alpha - 1.0)
         h = k * z + z * zp - 1.0
-        dh = k + ALPHA * zp
+        dh = k + alpha * zp
         step = h / dh
         z = z - step
         if np.all(np.abs(step) < 1e-13 * np.maximum(z, 1e-300)):
@@ -230,7 +248,8 @@ def _axes(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray
 
 
 class PSFParams(NamedTuple):
-    """Per-source PS1_V1 parameters (arrays of one shape).
+    """Per-source parameters of the power-law profile ``1 / (1 + k z + z**alpha)`` (arrays of
+    one shape).
 
     Attributes
     ----------
@@ -241,6 +260,8 @@ class PSFParams(NamedTuple):
         Linear term.
     norm : ndarray
         Peak value of the unit-flux PSF (pixels**-2).
+    alpha : ndarray or float
+        Power-law index of the model family (:data:`MODEL_ALPHA`; PS1_V1 by default).
     """
 
     qxx: np.ndarray
@@ -248,6 +269,7 @@ class PSFParams(NamedTuple):
     qxy: np.ndarray
     k: np.ndarray
     norm: np.ndarray
+    alpha: np.ndarray | float = ALPHA
 
     def expand(self, *axes: int) -> "PSFParams":
         """The same parameters with trailing length-1 axes appended (for broadcasting
@@ -278,18 +300,20 @@ class PSFShape(NamedTuple):
 
 
 def _params_from_moments(mxx: np.ndarray, myy: np.ndarray, mxy: np.ndarray, k: np.ndarray,
-                         norm_radius: float) -> PSFParams:
+                         norm_radius: float, alpha: float = ALPHA) -> PSFParams:
     det = mxx * myy - mxy * mxy
     sdet = np.sqrt(det)
     zmax = norm_radius ** 2 / (2.0 * sdet)
-    flux_unit_peak = 2.0 * math.pi * sdet * ps1v1_integral(k, zmax)
-    return PSFParams(myy / det, mxx / det, -mxy / det, k, 1.0 / flux_unit_peak)
+    flux_unit_peak = 2.0 * math.pi * sdet * ps1v1_integral(k, zmax, alpha=alpha)
+    return PSFParams(myy / det, mxx / det, -mxy / det, k, 1.0 / flux_unit_peak,
+                     np.full(np.shape(k), float(alpha)))
 
 
 def ps1v1_params(sigma_x: np.ndarray | float, sigma_y: np.ndarray | float,
                  sxy: np.ndarray | float, k: np.ndarray | float, *,
-                 norm_radius: float = 25.0) -> PSFParams:
-    """Profile parameters of unit-flux PS1_V1 sources from psphot's shape parameters.
+                 norm_radius: float = 25.0, alpha: float = ALPHA) -> PSFParams:
+    """Profile parameters of unit-flux PS1_V1 (or QGAUSS) sources from psphot's shape
+    parameters.
 
     Parameters
     ----------
@@ -301,6 +325,8 @@ def ps1v1_params(sigma_x: np.ndarray | float, sigma_y: np.ndarray | float,
         Linear term.
     norm_radius : float
         Normalisation radius (pixels), see the module docstring.
+    alpha : float
+        Power-law index of the family (:data:`MODEL_ALPHA`).
 
     Returns
     -------
@@ -309,12 +335,13 @@ def ps1v1_params(sigma_x: np.ndarray | float, sigma_y: np.ndarray | float,
     """
     mxx, myy, mxy = shape_matrix(sigma_x, sigma_y, sxy)
     mxx, myy, mxy, kk = np.broadcast_arrays(mxx, myy, mxy, np.asarray(k, dtype=np.float64))
-    return _params_from_moments(mxx, myy, mxy, kk, norm_radius)
+    return _params_from_moments(mxx, myy, mxy, kk, norm_radius, alpha)
 
 
 def ps1v1_profile(dx: np.ndarray, dy: np.ndarray, p: PSFParams, *, derivatives: bool = False
                   ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unit-flux PS1_V1 profile at offsets ``(dx, dy)`` from the centre (pixels).
+    """Unit-flux PS1_V1 (or QGAUSS: ``p.alpha``) profile at offsets ``(dx, dy)`` from the
+    centre (pixels).
 
     Parameters
     ----------
@@ -337,13 +364,13 @@ def ps1v1_profile(dx: np.ndarray, dy: np.ndarray, p: PSFParams, *, derivatives: 
         np.maximum(z, 0.0, out=z)
     else:
         z = np.maximum(z, 0.0)
-    zp = z ** (ALPHA - 1.0)
+    zp = z ** (p.alpha - 1.0)
     d = 1.0 + p.k * z + z * zp
     f = 1.0 / d
     if not derivatives:
         return p.norm * f
     # dP/dz = -norm (k + alpha z^(alpha-1)) f^2 ; dz/d(dx) = qxx dx + qxy dy ; d(dx)/dx0 = -1
-    g = p.norm * (p.k + ALPHA * zp) * f * f
+    g = p.norm * (p.k + p.alpha * zp) * f * f
     dpdx0 = g * (p.qxx * dx + p.qxy * dy)
     dpdy0 = g * (p.qyy * dy + p.qxy * dx)
     return p.norm * f, dpdx0, dpdy0
@@ -429,6 +456,18 @@ def grid_order_for_stars(n_stars: int) -> int:
     return order
 
 
+def _hat_weights(u: np.ndarray, n: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-interpolation weights of table samples ``0..n-1`` at coordinates ``u`` (zero
+    beyond the table) and their derivatives with respect to ``u`` (the right derivative at
+    the samples, as floor-based interpolation gives).  Shapes ``u.shape + (n,)``."""
+    t = np.asarray(u, dtype=dtype)[..., None] - np.arange(n, dtype=dtype)
+    right = (t >= 0) & (t < 1)
+    left = (t >= -1) & (t < 0)
+    w = np.where(right, 1 - t, np.where(left, 1 + t, 0)).astype(dtype, copy=False)
+    g = (left.astype(dtype) - right.astype(dtype))
+    return w, g
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -470,6 +509,11 @@ class PSFModel:
     residual_gain : float
         Cross-validated fractional chi-square reduction the residual table gave (NaN if not
         tried).
+    model : str
+        Analytic family, a key of :data:`MODEL_ALPHA` (``"PS1_V1"`` or ``"QGAUSS"``).
+    model_chi2 : dict
+        Chi-square of the free fits of the model-selection stars under each family tried
+        (empty when only one was tried).
     """
 
     image_shape: tuple[int, int]
@@ -487,8 +531,14 @@ class PSFModel:
     psf_star_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     chi2_dof: float = float("nan")
     residual_gain: float = float("nan")
+    model: str = "PS1_V1"
+    model_chi2: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.model not in MODEL_ALPHA:
+            raise ValueError(f"PSFModel: unknown model family {self.model!r}; known: "
+                             f"{sorted(MODEL_ALPHA)}")
+        self.model_chi2 = {str(a): float(b) for a, b in dict(self.model_chi2).items()}
         ny, nx = (int(v) for v in self.image_shape)
         if ny <= 0 or nx <= 0:
             raise ValueError(f"PSFModel: image_shape must be positive, got {self.image_shape}")
@@ -558,6 +608,11 @@ class PSFModel:
 
     # -- properties -------------------------------------------------------------------------
     @property
+    def alpha(self) -> float:
+        """Power-law index of the model family (dimensionless)."""
+        return MODEL_ALPHA[self.model]
+
+    @property
     def grid_shape(self) -> tuple[int, int]:
         """Number of nodes ``(gy, gx)``."""
         return self.sigma_x.shape  # type: ignore[return-value]
@@ -571,7 +626,8 @@ class PSFModel:
     def fwhm_max(self) -> float:
         """Largest major-axis FWHM over the grid nodes (pixels)."""
         a, _, _ = _axes(self._mxx, self._myy, self._mxy)
-        return float(np.max(2.0 * a * np.sqrt(2.0 * ps1v1_half_max_z(self.k))))
+        return float(np.max(2.0 * a * np.sqrt(2.0 * ps1v1_half_max_z(self.k,
+                                                                      alpha=self.alpha))))
 
     # -- evaluation -------------------------------------------------------------------------
     def moments_at(self, x: np.ndarray | float, y: np.ndarray | float
@@ -637,7 +693,7 @@ class PSFModel:
         PSFParams
         """
         mxx, myy, mxy, kk = self.moments_at(x, y)
-        p = _params_from_moments(mxx, myy, mxy, kk, self.norm_radius)
+        p = _params_from_moments(mxx, myy, mxy, kk, self.norm_radius, self.alpha)
         if self.residual is not None:
             p = p._replace(norm=p.norm / (1.0 + float(self.residual.sum())))
         return p
@@ -679,6 +735,24 @@ class PSFModel:
         assert res is not None
         rr = res.shape[0] // 2
         n = res.shape[0]
+        dx = np.asarray(dx)
+        dy = np.asarray(dy)
+        if dx.ndim >= 2 and dy.ndim >= 2 and dx.shape[-2] == 1 and dy.shape[-1] == 1:
+            # offsets on a grid (x along the last axis, y along the one before): bilinear
+            # interpolation is separable, val = Wy T Wx^T with the 1-D interpolation weights
+            dt = np.float32 if (dx.dtype == np.float32 and dy.dtype == np.float32) \
+                else np.float64
+            tab = res.astype(dt)
+            wx, gx = _hat_weights(dx[..., 0, :] + rr, n, dt)          # (..., W, n)
+            wy, gy = _hat_weights(dy[..., :, 0] + rr, n, dt)          # (..., H, n)
+            wyt = wy @ tab                                            # (..., H, n)
+            wxt = np.swapaxes(wx, -1, -2)
+            val = wyt @ wxt
+            if not derivatives:
+                return val
+            ddx = wyt @ np.swapaxes(gx, -1, -2)
+            ddy = (gy @ tab) @ wxt
+            return val, -ddx, -ddy
         pad = np.zeros((n + 2, n + 2))
         pad[1:-1, 1:-1] = res
         u = np.asarray(dx, dtype=np.float64) + rr + 1.0
@@ -770,7 +844,7 @@ class PSFModel:
         """
         mxx, myy, mxy, kk = self.moments_at(x, y)
         a, b, th = _axes(mxx, myy, mxy)
-        scale = 2.0 * np.sqrt(2.0 * ps1v1_half_max_z(kk))
+        scale = 2.0 * np.sqrt(2.0 * ps1v1_half_max_z(kk, alpha=self.alpha))
         theta = np.degrees(th)
         theta = np.where(theta <= -90.0, theta + 180.0, theta)
         return PSFShape(scale * a, scale * b, theta)
@@ -806,9 +880,11 @@ class PSFModel:
     def to_hdulist(self) -> fits.HDUList:
         """The model as FITS HDUs.
 
-        Layout: a primary header (``PSFMODEL = 'PS1_V1'``, ``PSFALPHA``, image and grid size,
-        ``NORMRAD``, aperture correction ``APCORR``/``APCORERR``/``APSYSERR``/``APRADIUS``,
-        ``NPSFSTAR``, ``PSFCHI2``, ``RESIDGN`` and the FWHM/angle at the image centre); a
+        Layout: a primary header (``PSFMODEL`` = ``'PS1_V1'`` or ``'QGAUSS'``, ``PSFALPHA``,
+        image and grid size, ``NORMRAD``, aperture correction
+        ``APCORR``/``APCORERR``/``APSYSERR``/``APRADIUS``, ``NPSFSTAR``, ``PSFCHI2``,
+        ``RESIDGN``, the FWHM/angle at the image centre, and per family tried ``MODNAMi`` /
+        ``MODCHIi``, the chi-square of the model-selection fits); a
         binary table ``PSF_GRID`` with one row per node (``IX``, ``IY``, node position ``X``,
         ``Y`` in pixels, ``SIGMA_X``, ``SIGMA_Y`` (pixels), ``SXY`` (pixels**-2), ``K``, and
         for readers ``FWHM_MAJ``, ``FWHM_MIN`` (pixels), ``THETA`` (degrees)); a binary table
@@ -822,9 +898,9 @@ class PSFModel:
         ny, nx = self.image_shape
         gy, gx = self.grid_shape
         hdr = fits.Header()
-        hdr["PSFMODEL"] = ("PS1_V1", "f = I0 / (1 + k z + z^PSFALPHA)")
+        hdr["PSFMODEL"] = (self.model, "f = I0 / (1 + k z + z^PSFALPHA)")
         hdr["PSFVERS"] = (_FORMAT_VERSION, "ps1mpi PSF file layout version")
-        hdr["PSFALPHA"] = (ALPHA, "power-law index in z")
+        hdr["PSFALPHA"] = (self.alpha, "power-law index in z")
         hdr["IMNAXIS1"] = (nx, "image width the model describes (pixels)")
         hdr["IMNAXIS2"] = (ny, "image height (pixels)")
         hdr["GRIDNX"] = (gx, "PSF parameter grid nodes along x")
@@ -845,6 +921,10 @@ class PSFModel:
         hdr["FWHM_MAJ"] = (float(shp.fwhm_major), "FWHM major axis at centre (pixels)")
         hdr["FWHM_MIN"] = (float(shp.fwhm_minor), "FWHM minor axis at centre (pixels)")
         hdr["FWHM_ANG"] = (float(shp.theta), "major axis angle at centre (deg)")
+        for i, (name, chi2) in enumerate(self.model_chi2.items(), start=1):
+            hdr[f"MODNAM{i}"] = (name, "model family tried")
+            hdr[f"MODCHI{i}"] = (chi2 if np.isfinite(chi2) else -1.0,
+                                 "its chi2 on the model-selection stars")
         primary = fits.PrimaryHDU(header=hdr)
 
         iy, ix = np.mgrid[0:gy, 0:gx]
@@ -888,11 +968,16 @@ class PSFModel:
         Raises
         ------
         ValueError
-            If the HDUs are not a PS1_V1 PSF model of a known layout.
+            If the HDUs are not a PSF model of a known family and layout.
         """
         hdr = hdul[0].header
-        if hdr.get("PSFMODEL") != "PS1_V1":
-            raise ValueError(f"PSF HDU list: PSFMODEL is {hdr.get('PSFMODEL')!r}, not 'PS1_V1'")
+        model = hdr.get("PSFMODEL")
+        if model not in MODEL_ALPHA:
+            raise ValueError(f"PSF HDU list: PSFMODEL is {model!r}, not one of "
+                             f"{sorted(MODEL_ALPHA)}")
+        if abs(float(hdr.get("PSFALPHA", MODEL_ALPHA[model])) - MODEL_ALPHA[model]) > 1e-6:
+            raise ValueError(f"PSF HDU list: PSFALPHA {hdr.get('PSFALPHA')} does not match "
+                             f"the {model} index {MODEL_ALPHA[model]}")
         if int(hdr.get("PSFVERS", -1)) != _FORMAT_VERSION:
             raise ValueError(f"PSF HDU list: unknown PSFVERS {hdr.get('PSFVERS')}")
         if "PSF_GRID" not in hdul:
@@ -915,6 +1000,12 @@ class PSFModel:
         aprad = float(hdr.get("APRADIUS", -1.0))
         chi2 = float(hdr.get("PSFCHI2", -1.0))
         rgain = float(hdr.get("RESIDGN", -1.0))
+        tried = {}
+        i = 1
+        while f"MODNAM{i}" in hdr:
+            c2 = float(hdr.get(f"MODCHI{i}", -1.0))
+            tried[str(hdr[f"MODNAM{i}"])] = c2 if c2 >= 0 else float("nan")
+            i += 1
         return cls((int(hdr["IMNAXIS2"]), int(hdr["IMNAXIS1"])), col("SIGMA_X"),
                    col("SIGMA_Y"), col("SXY"), col("K"), norm_radius=float(hdr["NORMRAD"]),
                    residual=residual, ap_corr=float(hdr["APCORR"]),
@@ -922,7 +1013,8 @@ class PSFModel:
                    aperture_radius=aprad if aprad > 0 else float("nan"),
                    n_psf_stars=int(hdr["NPSFSTAR"]), psf_star_index=idx,
                    chi2_dof=chi2 if chi2 >= 0 else float("nan"),
-                   residual_gain=rgain if rgain != -1.0 else float("nan"))
+                   residual_gain=rgain if rgain != -1.0 else float("nan"), model=model,
+                   model_chi2=tried)
 
     def to_fits(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Write :meth:`to_hdulist` to a FITS file.
@@ -1038,6 +1130,14 @@ def adaptive_moments(stamps: np.ndarray, good: np.ndarray, xc: np.ndarray, yc: n
         Converged to a finite, positive-definite result.
     """
     n, s, _ = stamps.shape
+    if HAVE_NUMBA and n:
+        d64 = np.ascontiguousarray(np.where(good, stamps, 0.0), dtype=np.float64)
+        out = _adaptive_moments_nb(d64, np.asarray(xc, dtype=np.float64).copy(),
+                                   np.asarray(yc, dtype=np.float64).copy(), float(sigma0),
+                                   int(n_iter))
+        mxx, myy, mxy, xo, yo, ok = out
+        ok &= np.isfinite(mxx) & np.isfinite(myy) & (mxx * myy - mxy * mxy > 0)
+        return mxx, myy, mxy, xo, yo, ok
     g = np.arange(s, dtype=np.float32)
     d = np.where(good, stamps, 0.0).astype(np.float32)
     wxx = np.full(n, sigma0 ** 2)
@@ -1152,21 +1252,23 @@ def weight_variance(var: np.ndarray, data: np.ndarray, model: np.ndarray | None,
 # Free-shape fits of PSF stars (stage 1)
 # ---------------------------------------------------------------------------------------------
 
-def _model_free(p: np.ndarray, dxg: np.ndarray, dyg: np.ndarray, derivatives: bool):
-    """PS1_V1 with free amplitude, centre and shape. p: (N, 7) [I0, x0, y0, qxx, qyy, qxy, k];
-    dxg/dyg: pixel coordinates (N, S, S). Returns model (N,S,S) [, J (N, 7, S*S)]."""
+def _model_free(p: np.ndarray, dxg: np.ndarray, dyg: np.ndarray, derivatives: bool,
+                alpha: float = ALPHA):
+    """Power-law profile with free amplitude, centre and shape. p: (N, 7) [I0, x0, y0, qxx,
+    qyy, qxy, k]; dxg/dyg: pixel coordinates (N, S, S). Returns model (N,S,S) [, J (N, 7,
+    S*S)]."""
     i0, x0, y0, qxx, qyy, qxy, k = (p[:, i, None, None] for i in range(7))
     dx = dxg - x0
     dy = dyg - y0
     z = 0.5 * (qxx * dx * dx + qyy * dy * dy) + qxy * dx * dy
     np.maximum(z, 0.0, out=z)
-    zp = z ** (ALPHA - 1.0)
+    zp = z ** (alpha - 1.0)
     d = 1.0 + k * z + z * zp
     f = 1.0 / d
     m = i0 * f
     if not derivatives:
         return m
-    fz = -(k + ALPHA * zp) * f * f          # df/dz
+    fz = -(k + alpha * zp) * f * f          # df/dz
     a = i0 * fz
     n = p.shape[0]
     jac = np.empty((n, 7) + dx.shape[1:])
@@ -1190,15 +1292,43 @@ def _valid_free(p: np.ndarray, box: float) -> np.ndarray:
 
 def _fit_free_ps1v1(data: np.ndarray, var: np.ndarray, good: np.ndarray, xg: np.ndarray,
                     yg: np.ndarray, p0: np.ndarray, *, gain: float | None, max_iter: int,
-                    box: float, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                            np.ndarray, np.ndarray]:
-    """Levenberg-Marquardt fit of the free PS1_V1 model, vectorised over stars.
+                    box: float, floor: np.ndarray, alpha: float = ALPHA,
+                    use_numba: bool | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Levenberg-Marquardt fit of the free power-law model (amplitude, centre, shape, ``k``)
+    to each star's stamp.
 
     Two weight passes: the first with the background-only weights, the second with the
-    weights of the first pass's model (see :func:`weight_variance`).
+    weights of the first pass's model (see :func:`weight_variance`).  Compiled per star with
+    numba when available (``use_numba`` None), else vectorised over stars with numpy; both
+    run the same iteration.
 
     Returns params (N,7), covariance (N,7,7), chi2 (N,), npix (N,), ok (N,).
     """
+    if use_numba is None:
+        use_numba = HAVE_NUMBA
+    if not use_numba or data.shape[0] == 0:
+        return _fit_free_np(data, var, good, xg, yg, p0, gain=gain, max_iter=max_iter,
+                            box=box, floor=floor, alpha=alpha)
+    n = data.shape[0]
+    ox = np.ascontiguousarray(np.asarray(xg)[:, 0, 0], dtype=np.float64)
+    oy = np.ascontiguousarray(np.asarray(yg)[:, 0, 0], dtype=np.float64)
+    p, cov, chi2, ok = _free_fit_nb(
+        np.ascontiguousarray(data, dtype=np.float64), np.ascontiguousarray(var, np.float64),
+        np.ascontiguousarray(good, dtype=np.bool_), ox, oy,
+        np.ascontiguousarray(p0, dtype=np.float64),
+        0.0 if gain is None else 1.0 / float(gain),
+        np.ascontiguousarray(floor, dtype=np.float64), float(alpha), int(max_iter),
+        float(box), float(K_LIMITS[0]), float(K_LIMITS[1]))
+    npix = good.reshape(n, -1).sum(axis=1)
+    return p, cov, chi2, npix, ok
+
+
+def _fit_free_np(data: np.ndarray, var: np.ndarray, good: np.ndarray, xg: np.ndarray,
+                 yg: np.ndarray, p0: np.ndarray, *, gain: float | None, max_iter: int,
+                 box: float, floor: np.ndarray, alpha: float = ALPHA
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The numpy path of :func:`_fit_free_ps1v1`, vectorised over stars."""
     n = data.shape[0]
     p = p0.copy()
     ok = _valid_free(p, box)
@@ -1207,12 +1337,12 @@ def _fit_free_ps1v1(data: np.ndarray, var: np.ndarray, good: np.ndarray, xg: np.
     cov = np.full((n, 7, 7), np.nan)
     dflat = data.reshape(n, -1)
     for wpass in range(2):
-        model_w = None if wpass == 0 else _model_free(p, xg, yg, False)
+        model_w = None if wpass == 0 else _model_free(p, xg, yg, False, alpha)
         vw = weight_variance(var, data, model_w, gain, floor[:, None, None])
         w = np.where(good, 1.0 / vw, 0.0).reshape(n, -1)
         lam = np.full(n, 1e-3)
         active = ok.copy()
-        m, jac = _model_free(p, xg, yg, True)
+        m, jac = _model_free(p, xg, yg, True, alpha)
         r = dflat - m.reshape(n, -1)
         chi2 = np.sum(w * r * r, axis=1)
         jw = jac * w[:, None, :]
@@ -1235,7 +1365,8 @@ def _fit_free_ps1v1(data: np.ndarray, var: np.ndarray, good: np.ndarray, xg: np.
             step *= np.minimum(1.0, 1.0 / np.maximum(sh, 1e-12))[:, None]
             trial = p[idx] + step
             valid = _valid_free(trial, box)
-            mt, jt = _model_free(np.where(valid[:, None], trial, p[idx]), xg[idx], yg[idx], True)
+            mt, jt = _model_free(np.where(valid[:, None], trial, p[idx]), xg[idx], yg[idx], True,
+                                 alpha)
             rt = dflat[idx] - mt.reshape(idx.size, -1)
             wi = w[idx]
             c2t = np.where(valid, np.sum(wi * rt * rt, axis=1), np.inf)
@@ -1258,6 +1389,280 @@ def _fit_free_ps1v1(data: np.ndarray, var: np.ndarray, good: np.ndarray, xg: np.
         cov = np.stack([np.linalg.pinv(a) for a in amat])
     ok &= _valid_free(p, box) & np.all(np.isfinite(cov), axis=(1, 2)) & np.isfinite(chi2)
     return p, cov, chi2, npix, ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels (numba)
+# ---------------------------------------------------------------------------------------------
+
+def _njit(fn):
+    return _numba.njit(cache=True, nogil=True)(fn) if _numba is not None else fn
+
+
+@_njit
+def _spd_solve(a, rhs, out):  # pragma: no cover - compiled
+    """Solve ``a out = rhs`` for a small symmetric positive-definite ``a`` (Cholesky after
+    diagonal equilibration).  Returns False if ``a`` is not positive definite."""
+    m = a.shape[0]
+    d = np.empty(m)
+    for i in range(m):
+        if not a[i, i] > 0.0:
+            return False
+        d[i] = 1.0 / math.sqrt(a[i, i])
+    low = np.zeros((m, m))
+    for i in range(m):
+        for j in range(i + 1):
+            acc = a[i, j] * d[i] * d[j]
+            for k in range(j):
+                acc -= low[i, k] * low[j, k]
+            if i == j:
+                if not acc > 1e-14:
+                    return False
+                low[i, i] = math.sqrt(acc)
+            else:
+                low[i, j] = acc / low[j, j]
+    y = np.empty(m)
+    for i in range(m):
+        acc = rhs[i] * d[i]
+        for k in range(i):
+            acc -= low[i, k] * y[k]
+        y[i] = acc / low[i, i]
+    for i in range(m - 1, -1, -1):
+        acc = y[i]
+        for k in range(i + 1, m):
+            acc -= low[k, i] * y[k]
+        y[i] = acc / low[i, i]
+    for i in range(m):
+        out[i] = y[i] * d[i]
+    return True
+
+
+@_njit
+def _free_valid_nb(p, box, kmin, kmax):  # pragma: no cover - compiled
+    for i in range(7):
+        if not math.isfinite(p[i]):
+            return False
+    qxx, qyy, qxy, k = p[3], p[4], p[5], p[6]
+    lim = 1.0 / (box * box)
+    return (p[0] > 0.0 and qxx > lim and qyy > lim and qxx < 25.0 and qyy < 25.0
+            and qxx * qyy - qxy * qxy > 1e-3 * qxx * qyy and k >= kmin and k <= kmax)
+
+
+@_njit
+def _free_normal_nb(d, w, ox, oy, p, alpha, amat, bvec):  # pragma: no cover - compiled
+    """Chi-square of the free model ``p`` on one stamp, and its normal equations
+    ``J^T W J`` (amat) and ``J^T W r`` (bvec)."""
+    ny, nx = d.shape
+    i0, x0, y0, qxx, qyy, qxy, k = p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+    am1 = alpha - 1.0
+    amat[:, :] = 0.0
+    bvec[:] = 0.0
+    jac = np.empty(7)
+    chi2 = 0.0
+    for jy in range(ny):
+        dy = oy + jy - y0
+        for jx in range(nx):
+            ww = w[jy, jx]
+            if ww == 0.0:
+                continue
+            dx = ox + jx - x0
+            z = 0.5 * (qxx * dx * dx + qyy * dy * dy) + qxy * dx * dy
+            zp = 0.0
+            if z > 0.0:
+                zp = z ** am1
+            else:
+                z = 0.0
+            f = 1.0 / (1.0 + k * z + z * zp)
+            ff = f * f
+            r = d[jy, jx] - i0 * f
+            chi2 += ww * r * r
+            a = -i0 * (k + alpha * zp) * ff
+            jac[0] = f
+            jac[1] = -a * (qxx * dx + qxy * dy)
+            jac[2] = -a * (qyy * dy + qxy * dx)
+            jac[3] = 0.5 * a * dx * dx
+            jac[4] = 0.5 * a * dy * dy
+            jac[5] = a * dx * dy
+            jac[6] = -i0 * z * ff
+            for u in range(7):
+                t = ww * jac[u]
+                bvec[u] += t * r
+                for v in range(u + 1):
+                    amat[u, v] += t * jac[v]
+    for u in range(7):
+        for v in range(u + 1, 7):
+            amat[u, v] = amat[v, u]
+    return chi2
+
+
+@_njit
+def _free_fit_nb(data, var, good, ox, oy, p0, inv_gain, floor, alpha, max_iter, box,
+                 kmin, kmax):  # pragma: no cover - compiled
+    """Per-star Levenberg-Marquardt of the free model: the iteration of :func:`_fit_free_np`
+    (two weight passes, damping 1e-3 x0.2 / x10, centre steps capped at 1 pixel)."""
+    n, ny, nx = data.shape
+    p_all = p0.copy()
+    cov = np.full((n, 7, 7), np.nan)
+    chi2_all = np.full(n, np.inf)
+    ok = np.zeros(n, dtype=np.bool_)
+    w = np.empty((ny, nx))
+    amat = np.empty((7, 7))
+    bvec = np.empty(7)
+    at = np.empty((7, 7))
+    bt = np.empty(7)
+    al = np.empty((7, 7))
+    step = np.empty(7)
+    trial = np.empty(7)
+    col = np.empty(7)
+    ecol = np.zeros(7)
+    for s in range(n):
+        p = p_all[s]
+        valid0 = _free_valid_nb(p, box, kmin, kmax)
+        chi2 = np.inf
+        for wpass in range(2):
+            am1 = alpha - 1.0
+            for jy in range(ny):
+                dy = oy[s] + jy - p[2]
+                for jx in range(nx):
+                    if not good[s, jy, jx]:
+                        w[jy, jx] = 0.0
+                        continue
+                    v = var[s, jy, jx]
+                    if inv_gain > 0.0:
+                        v -= data[s, jy, jx] * inv_gain
+                    if v < floor[s]:
+                        v = floor[s]
+                    if wpass == 1 and inv_gain > 0.0:
+                        dx = ox[s] + jx - p[1]
+                        z = 0.5 * (p[3] * dx * dx + p[4] * dy * dy) + p[5] * dx * dy
+                        zp = 0.0
+                        if z > 0.0:
+                            zp = z ** am1
+                        else:
+                            z = 0.0
+                        mdl = p[0] / (1.0 + p[6] * z + z * zp)
+                        if mdl > 0.0:
+                            v += mdl * inv_gain
+                    w[jy, jx] = 1.0 / v
+            chi2 = _free_normal_nb(data[s], w, ox[s], oy[s], p, alpha, amat, bvec)
+            if not valid0:
+                continue
+            lam = 1e-3
+            for _ in range(max_iter):
+                for u in range(7):
+                    for v in range(7):
+                        al[u, v] = amat[u, v]
+                    al[u, u] = amat[u, u] * (1.0 + lam)
+                if not _spd_solve(al, bvec, step):
+                    lam *= 10.0
+                    if lam > 1e8:
+                        break
+                    continue
+                sh = math.sqrt(step[1] * step[1] + step[2] * step[2])
+                if sh > 1.0:
+                    for u in range(7):
+                        step[u] /= sh
+                for u in range(7):
+                    trial[u] = p[u] + step[u]
+                c2t = np.inf
+                if _free_valid_nb(trial, box, kmin, kmax):
+                    c2t = _free_normal_nb(data[s], w, ox[s], oy[s], trial, alpha, at, bt)
+                if c2t < chi2:
+                    old = chi2
+                    chi2 = c2t
+                    for u in range(7):
+                        p[u] = trial[u]
+                        bvec[u] = bt[u]
+                        for v in range(7):
+                            amat[u, v] = at[u, v]
+                    lam = max(lam * 0.2, 1e-7)
+                    if old - chi2 < 1e-6 * chi2 + 1e-3:
+                        break
+                else:
+                    lam *= 10.0
+                    if lam > 1e8:
+                        break
+        chi2_all[s] = chi2
+        # covariance: inverse of the normal matrix at the solution (last pass's weights)
+        inv_ok = True
+        for u in range(7):
+            ecol[:] = 0.0
+            ecol[u] = 1.0
+            if not _spd_solve(amat, ecol, col):
+                inv_ok = False
+                break
+            for v in range(7):
+                cov[s, v, u] = col[v]
+        if not inv_ok:
+            cov[s, :, :] = np.nan
+        ok[s] = (_free_valid_nb(p, box, kmin, kmax) and inv_ok and math.isfinite(chi2))
+    return p_all, cov, chi2_all, ok
+
+
+@_njit
+def _adaptive_moments_nb(d, xc, yc, sigma0, n_iter):  # pragma: no cover - compiled
+    """The iteration of :func:`adaptive_moments` per stamp (double precision; pixels whose
+    weight is below exp(-20) are skipped)."""
+    n, s, _ = d.shape
+    mxx = np.empty(n)
+    myy = np.empty(n)
+    mxy = np.empty(n)
+    ok = np.ones(n, dtype=np.bool_)
+    lim_hi = (s / 2.0) ** 2
+    for t in range(n):
+        wxx = sigma0 * sigma0
+        wyy = sigma0 * sigma0
+        wxy = 0.0
+        for _ in range(n_iter):
+            det = wxx * wyy - wxy * wxy
+            axx = wyy / det
+            ayy = wxx / det
+            axy = 2.0 * wxy / det
+            f = 0.0
+            sx = 0.0
+            sy = 0.0
+            sxx = 0.0
+            syy = 0.0
+            sxy = 0.0
+            for j in range(s):
+                dy = j - yc[t]
+                for i in range(s):
+                    v = d[t, j, i]
+                    if v == 0.0:
+                        continue
+                    dx = i - xc[t]
+                    q = axx * dx * dx + ayy * dy * dy - axy * dx * dy
+                    if q > 40.0:
+                        continue
+                    wd = math.exp(-0.5 * q) * v
+                    f += wd
+                    sx += wd * dx
+                    sy += wd * dy
+                    sxx += wd * dx * dx
+                    syy += wd * dy * dy
+                    sxy += wd * dx * dy
+            okf = f > 0.0
+            fs = f if okf else 1.0
+            mx = sx / fs
+            my = sy / fs
+            nxx = 2.0 * (sxx / fs - mx * mx)
+            nyy = 2.0 * (syy / fs - my * my)
+            nxy = 2.0 * (sxy / fs - mx * my)
+            good_m = (okf and nxx > 0.05 and nyy > 0.05 and nxx * nyy - nxy * nxy > 1e-4
+                      and nxx < lim_hi and nyy < lim_hi)
+            if not good_m:
+                ok[t] = False
+            else:
+                wxx = 0.5 * (wxx + nxx)
+                wyy = 0.5 * (wyy + nyy)
+                wxy = 0.5 * (wxy + nxy)
+            if okf:
+                xc[t] += min(max(mx, -1.0), 1.0)
+                yc[t] += min(max(my, -1.0), 1.0)
+        mxx[t] = 0.5 * wxx
+        myy[t] = 0.5 * wyy
+        mxy[t] = 0.5 * wxy
+    return mxx, myy, mxy, xc, yc, ok
 
 
 def _moment_cov(p: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1289,23 +1694,39 @@ def _grid_design(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int],
     return b
 
 
-def _gls_grid(b: np.ndarray, vals: np.ndarray, wmat: np.ndarray, ridge: float) -> np.ndarray:
+def _gls_grid(b: np.ndarray, vals: np.ndarray, wmat: np.ndarray, ridge: float,
+              const_k: bool = False) -> np.ndarray:
     """Generalised least squares for node values: minimise sum_s r_s^T W_s r_s with
     r_s = vals_s - (B_s kron I4) nodes, plus a weak ridge pulling nodes to the constant
-    solution (keeps nodes without stars determined)."""
+    solution (keeps nodes without stars determined).  With ``const_k`` the linear term is one
+    value for the whole image (the shape matrix still varies on the grid): ``k`` and the size
+    trade off star by star, and tying ``k`` removes that freedom from the nodes.  Returns
+    nodes (G, 4)."""
     n, g = b.shape
     wsum = wmat.sum(axis=0)
     v0 = np.linalg.solve(wsum, np.einsum("sij,sj->i", wmat, vals))
+    wv = np.einsum("sij,sj->si", wmat, vals)                           # (n, 4)
+    wbar = ridge * wsum / max(n, 1)
+    # normal equations of all (node, parameter) pairs: N[(G,p),(G,q)] = B^T diag(W_pq) B
     bw = b[:, :, None, None] * wmat[:, None, :, :]                    # (n, G, 4, 4)
     nmat = np.tensordot(b, bw, axes=(0, 0)).transpose(0, 2, 1, 3).reshape(g * 4, g * 4)
-    rhs = (b.T @ np.einsum("sij,sj->si", wmat, vals)).reshape(g * 4)
-    wbar = ridge * wsum / max(n, 1)
+    rhs = (b.T @ wv).reshape(g * 4)
     nmat += np.kron(np.eye(g), wbar)
     rhs += np.tile(wbar @ v0, g)
+    if const_k:
+        # k_g = k for every node: project with the map T (free: G*3 shape values + 1 k)
+        t = np.zeros((g * 4, g * 3 + 1))
+        rows = np.arange(g * 4).reshape(g, 4)
+        t[rows[:, :3].ravel(), np.arange(g * 3)] = 1.0
+        t[rows[:, 3], g * 3] = 1.0
+        nmat = t.T @ nmat @ t
+        rhs = t.T @ rhs
     try:
         sol = np.linalg.solve(nmat, rhs)
     except np.linalg.LinAlgError:
         sol = np.linalg.lstsq(nmat, rhs, rcond=None)[0]
+    if const_k:
+        return np.column_stack([sol[:g * 3].reshape(g, 3), np.full(g, sol[-1])])
     return sol.reshape(g, 4)
 
 
@@ -1322,7 +1743,8 @@ def _nodes_ok(nodes: np.ndarray) -> bool:
 
 def _fit_grid_robust(x: np.ndarray, y: np.ndarray, vals: np.ndarray, cov: np.ndarray,
                      image_shape: tuple[int, int], grid: tuple[int, int], clip_chi2: float,
-                     ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     ridge: float, const_k: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Grid fit with a systematic floor (so that the median chi2 per star matches 4 degrees
     of freedom) and clipping of outlying stars. Returns nodes, keep mask, effective W."""
     b = _grid_design(x, y, image_shape, grid)
@@ -1333,7 +1755,7 @@ def _fit_grid_robust(x: np.ndarray, y: np.ndarray, vals: np.ndarray, cov: np.nda
     nodes = None
     for _ in range(4):
         wmat = np.linalg.inv(cov + s2 * dfl)
-        nodes = _gls_grid(b[keep], vals[keep], wmat[keep], ridge)
+        nodes = _gls_grid(b[keep], vals[keep], wmat[keep], ridge, const_k)
         res = vals - b @ nodes
         # systematic floor: find s2 with median chi2 == median of chi2(4 dof)
         c2 = _chi2_4(res[keep], wmat[keep])
@@ -1359,7 +1781,7 @@ def _fit_grid_robust(x: np.ndarray, y: np.ndarray, vals: np.ndarray, cov: np.nda
             break
         keep = new_keep
     wmat = np.linalg.inv(cov + s2 * dfl)
-    nodes = _gls_grid(b[keep], vals[keep], wmat[keep], ridge)
+    nodes = _gls_grid(b[keep], vals[keep], wmat[keep], ridge, const_k)
     return nodes, keep, wmat
 
 
@@ -1372,19 +1794,24 @@ def _grid_for_order(order: int, image_shape: tuple[int, int]) -> tuple[int, int]
 
 def _select_grid(x: np.ndarray, y: np.ndarray, vals: np.ndarray, cov: np.ndarray,
                  image_shape: tuple[int, int], max_order: int, clip_chi2: float,
-                 ridge: float, seed: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray,
-                                                   dict[int, float]]:
-    """Choose the grid size by 5-fold cross-validation (one-standard-error rule).
+                 ridge: float, seed: int
+                 ) -> tuple[tuple[int, int], bool, np.ndarray, np.ndarray, dict[str, float]]:
+    """Choose the grid size, and whether ``k`` varies over it or is one value, by 5-fold
+    cross-validation (one-standard-error rule: the simplest candidate, in number of free
+    node values, whose held-out score is within one standard error of the best).
 
-    All sizes are scored with one weight matrix and one star selection, those of the robust
-    fit at the largest size (the smallest systematic floor), so that the scores compare."""
+    All candidates are scored with one weight matrix and one star selection, those of the
+    robust fit at the largest size (the smallest systematic floor), so that the scores
+    compare.  Returns the grid, ``const_k``, nodes, the kept stars and the scores."""
     rng = np.random.default_rng(seed)
     folds = rng.permutation(x.size) % 5
     _, keep_ref, w_ref = _fit_grid_robust(x, y, vals, cov, image_shape,
                                           _grid_for_order(max_order, image_shape), clip_chi2,
                                           ridge)
-    scores: dict[int, tuple[float, float]] = {}
-    for order in range(1, max_order + 1):
+    scores: dict[tuple[int, bool], tuple[float, float]] = {}
+    cands = [(o, ck) for o in range(1, max_order + 1) for ck in ((False,) if o == 1
+                                                                 else (True, False))]
+    for order, const_k in cands:
         grid = _grid_for_order(order, image_shape)
         b = _grid_design(x, y, image_shape, grid)
         held = np.full(x.size, np.nan)
@@ -1393,26 +1820,34 @@ def _select_grid(x: np.ndarray, y: np.ndarray, vals: np.ndarray, cov: np.ndarray
             te = keep_ref & (folds == f)
             if tr.sum() < 3 or te.sum() == 0:
                 continue
-            nd = _gls_grid(b[tr], vals[tr], w_ref[tr], ridge)
+            nd = _gls_grid(b[tr], vals[tr], w_ref[tr], ridge, const_k)
             res = vals[te] - b[te] @ nd
             held[te] = _chi2_4(res, w_ref[te])
         h = held[np.isfinite(held)]
         if h.size == 0:
             continue
         h = np.minimum(h, clip_chi2)  # robust: a single wild star must not decide
-        scores[order] = (float(h.mean()), float(h.std(ddof=1) / math.sqrt(h.size))
-                         if h.size > 1 else 0.0)
-    candidates = sorted(scores) if scores else [1]
+        scores[(order, const_k)] = (float(h.mean()), float(h.std(ddof=1) / math.sqrt(h.size))
+                                    if h.size > 1 else 0.0)
+
+    def n_free(c: tuple[int, bool]) -> int:
+        gy, gx = _grid_for_order(c[0], image_shape)
+        return gy * gx * 3 + 1 if c[1] else gy * gx * 4
+
+    order_list = sorted(scores, key=lambda c: (n_free(c), c)) if scores else [(1, False)]
     if scores:
-        best = min(scores, key=lambda o: scores[o][0])
+        best = min(scores, key=lambda c: scores[c][0])
         limit = scores[best][0] + scores[best][1]
-        candidates = sorted(o for o in scores if scores[o][0] <= limit)
-        candidates += sorted(o for o in scores if o not in candidates)
-    for order in candidates:
+        order_list = ([c for c in order_list if scores[c][0] <= limit]
+                      + [c for c in order_list if scores[c][0] > limit])
+    named = {f"{_grid_for_order(o, image_shape)[0]}x{_grid_for_order(o, image_shape)[1]}"
+             + (" const k" if ck else ""): sc[0] for (o, ck), sc in scores.items()}
+    for order, const_k in order_list:
         grid = _grid_for_order(order, image_shape)
-        nodes, keep, _ = _fit_grid_robust(x, y, vals, cov, image_shape, grid, clip_chi2, ridge)
+        nodes, keep, _ = _fit_grid_robust(x, y, vals, cov, image_shape, grid, clip_chi2, ridge,
+                                          const_k)
         if _nodes_ok(nodes):
-            return grid, nodes, keep, {o: s[0] for o, s in scores.items()}
+            return grid, const_k, nodes, keep, named
     raise ValueError("fit_psf_model: no grid of PSF shape parameters is positive definite")
 
 
@@ -1487,7 +1922,9 @@ def fit_psf_model(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: 
                   norm_radius: float = 25.0, residuals: bool | str = "auto",
                   residual_radius: int = 8, residual_min_gain: float = 0.005,
                   aperture_scale: float = 4.5, clip_nsigma: float = 3.0,
-                  gain: float | None = None, max_iter: int = 40, seed: int = 0) -> PSFModel:
+                  gain: float | None = None, max_iter: int = 40, seed: int = 0,
+                  models: tuple[str, ...] | str = ("PS1_V1", "QGAUSS"),
+                  model_select_stars: int = 300) -> PSFModel:
     """Fit a spatially varying PS1_V1 PSF model to the PSF stars of an image.
 
     Steps (after psphot's ``psphotChoosePSF`` / ``pmPSFtryModel``):
@@ -1593,6 +2030,10 @@ def fit_psf_model(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: 
         raise ValueError(f"{who}: max_grid must be in 1..6, got {max_grid}")
     if residuals not in (True, False, "auto"):
         raise ValueError(f"{who}: residuals must be True, False or 'auto', got {residuals!r}")
+    families = (models,) if isinstance(models, str) else tuple(models)
+    if not families or any(f not in MODEL_ALPHA for f in families):
+        raise ValueError(f"{who}: models must name families among {sorted(MODEL_ALPHA)}, got "
+                         f"{models!r}")
 
     bad_pix = ((mask & mask_bits) != 0) | ~np.isfinite(variance) | ~(variance > 0) \
         | ~np.isfinite(image)
@@ -1673,7 +2114,7 @@ def fit_psf_model(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: 
     mom = {"mxx": mxx[sel][:max_stars], "myy": myy[sel][:max_stars],
            "mxy": mxy[sel][:max_stars]}
 
-    # --- stage 1: free PS1_V1 fits ---------------------------------------------------------
+    # --- stage 1: free fits of the analytic model -------------------------------------------
     ns = stars.size
     ox = ix[stars] - hr
     oy = iy[stars] - hr
@@ -1698,12 +2139,40 @@ def fit_psf_model(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: 
                   axis=(1, 2))
     p0 = np.column_stack([np.maximum(peak, 1e-6), x[stars], y[stars], m0[:, 1] / det0,
                           m0[:, 0] / det0, -m0[:, 2] / det0, np.full(ns, 0.5)])
-    pf, covf, _, npixf, okf = _fit_free_ps1v1(d1, v1, good1, xg, yg, p0, gain=gain,
-                                                  max_iter=max_iter, box=float(sz), floor=floor)
-    moved = np.hypot(pf[:, 1] - x[stars], pf[:, 2] - y[stars]) > 0.5 * fwhm0 + 1.0
-    okf &= ~moved & (npixf > 10)
+    def free_fits(rows: np.ndarray, fam: str):
+        pf_, cov_, _, npix_, ok_ = _fit_free_ps1v1(
+            d1[rows], v1[rows], good1[rows], xg[rows], yg[rows], p0[rows], gain=gain,
+            max_iter=max_iter, box=float(sz), floor=floor[rows], alpha=MODEL_ALPHA[fam])
+        moved_ = np.hypot(pf_[:, 1] - x[stars[rows]], pf_[:, 2] - y[stars[rows]]) \
+            > 0.5 * fwhm0 + 1.0
+        return pf_, cov_, ok_ & ~moved_ & (npix_ > 10)
+
+    # the model family: the one whose free fits of the brightest stars have the lowest
+    # chi-square (the families have the same number of parameters, so the in-sample
+    # chi-square compares them fairly); weights from the variance as given, common to all
+    model_chi2: dict[str, float] = {}
+    family = families[0]
+    if len(families) > 1:
+        head = np.arange(min(ns, max(int(model_select_stars), 3)))
+        trial = {fam: free_fits(head, fam) for fam in families}
+        common = np.logical_and.reduce([trial[f][2] for f in families])
+        if common.sum() >= 3:
+            hc = head[common]
+            w_c = np.where(good1[hc], 1.0 / np.maximum(v1[hc], floor[hc, None, None]), 0.0)
+            for fam in families:
+                mdl = _model_free(trial[fam][0][common], xg[hc], yg[hc], False,
+                                  MODEL_ALPHA[fam])
+                model_chi2[fam] = float(np.sum(w_c * (d1[hc] - mdl) ** 2))
+            family = min(model_chi2, key=model_chi2.__getitem__)
+        pf, covf, okf = (np.empty((ns, 7)), np.empty((ns, 7, 7)), np.zeros(ns, dtype=bool))
+        pf[head], covf[head], okf[head] = trial[family]
+        tail = np.arange(head.size, ns)
+        if tail.size:
+            pf[tail], covf[tail], okf[tail] = free_fits(tail, family)
+    else:
+        pf, covf, okf = free_fits(np.arange(ns), family)
     if okf.sum() < 3:
-        raise ValueError(f"{who}: only {int(okf.sum())} PSF stars gave a valid PS1_V1 fit")
+        raise ValueError(f"{who}: only {int(okf.sum())} PSF stars gave a valid {family} fit")
     vals, vcov = _moment_cov(pf[okf], covf[okf])
     xs, ys = pf[okf, 1], pf[okf, 2]
     star_idx = stars[okf]
@@ -1711,13 +2180,13 @@ def fit_psf_model(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: 
     # --- stage 2: grid ----------------------------------------------------------------------
     clip_chi2 = float(_stats.chi2.isf(2.0 * _stats.norm.sf(clip_nsigma), 4))
     max_order = min(max_grid, grid_order_for_stars(int(okf.sum())))
-    grid, nodes, keep, _scores = _select_grid(xs, ys, vals, vcov, (ny, nx), max_order,
-                                              clip_chi2, 1e-2, seed)
+    grid, _const_k, nodes, keep, _scores = _select_grid(xs, ys, vals, vcov, (ny, nx),
+                                                        max_order, clip_chi2, 1e-2, seed)
     gy, gx = grid
     gmxx, gmyy, gmxy, gk = (nodes[:, i].reshape(gy, gx) for i in range(4))
     gk = np.clip(gk, *K_LIMITS)
     sx, sy, sxy = shape_params(gmxx, gmyy, gmxy)
-    psf = PSFModel((ny, nx), sx, sy, sxy, gk, norm_radius=norm_radius)
+    psf = PSFModel((ny, nx), sx, sy, sxy, gk, norm_radius=norm_radius, model=family)
     star_idx = star_idx[keep]
     xs, ys = xs[keep], ys[keep]
 
@@ -1735,7 +2204,7 @@ def fit_psf_model(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: 
                                              ph.y[okp], ph.flux[okp], rr, r_fit, gain)
             res_gain = gain_cv
             if residuals is True or gain_cv >= residual_min_gain:
-                psf = PSFModel((ny, nx), sx, sy, sxy, gk, norm_radius=norm_radius,
+                psf = PSFModel((ny, nx), sx, sy, sxy, gk, norm_radius=norm_radius, model=family,
                                residual=table)
 
     ph = psfphot.fit_psf_photometry(image, variance, mask, psf, xs, ys, **phot_kw)
@@ -1754,7 +2223,8 @@ def fit_psf_model(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, x: 
     return PSFModel((ny, nx), sx, sy, sxy, gk, norm_radius=norm_radius,
                     residual=psf.residual, ap_corr=ap_corr, ap_corr_err=ap_corr_err,
                     ap_sys_err=ap_sys, aperture_radius=r_ap, n_psf_stars=int(star_idx.size),
-                    psf_star_index=star_idx, chi2_dof=chi2_med, residual_gain=res_gain)
+                    psf_star_index=star_idx, chi2_dof=chi2_med, residual_gain=res_gain,
+                    model=family, model_chi2=model_chi2)
 
 
 def _aperture_flux(image: np.ndarray, variance: np.ndarray, bad_pix: np.ndarray, x: np.ndarray,
@@ -1845,7 +2315,7 @@ def _build_residual(image: np.ndarray, variance: np.ndarray, bad_pix: np.ndarray
     chi_new = 0.0
     for part in (half, ~half):
         tab, _ = _combine_residuals(val[~part], w[~part])
-        trial = PSFModel(psf.image_shape, psf.sigma_x, psf.sigma_y, psf.sxy, psf.k,
+        trial = PSFModel(psf.image_shape, psf.sigma_x, psf.sigma_y, psf.sxy, psf.k, model=psf.model,
                          norm_radius=psf.norm_radius, residual=tab)
         pt = trial.source_params(x[part], y[part]).expand(2)
         mt = flux[part, None, None] * trial.render(dx[part], dy[part], pt)

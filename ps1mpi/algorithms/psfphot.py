@@ -45,6 +45,14 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from ps1mpi.algorithms import maskbits
+
+try:  # numba is a project dependency; the numpy path computes the same results without it
+    import numba as _numba
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    _numba = None
+
+HAVE_NUMBA = _numba is not None
+"""Single-source groups with a fixed sky are fitted by a compiled kernel when True."""
 from ps1mpi.algorithms.psf import (PSFModel, PSFParams, _validate_images,
                                    _validate_positions, extract_boxes)
 
@@ -175,6 +183,7 @@ class _Ctx:
     chunk_pixels: int
     ext_sys: float
     tol: float
+    use_numba: bool = False
 
 
 @dataclass
@@ -305,6 +314,68 @@ def _normal(P: np.ndarray, dpx: np.ndarray | None, dpy: np.ndarray | None, f: np
     return a, b
 
 
+def _fit_chunk_single(ctx: _Ctx, mem: np.ndarray, posfix: np.ndarray,
+                      contam: np.ndarray | None, out: _Out, group_flag: np.ndarray,
+                      start: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """:func:`_fit_chunk` for groups of one source and a fixed sky, by the compiled kernel
+    :func:`_fit_single_nb` (same steps, double precision)."""
+    g_n = mem.shape[0]
+    idx = mem[:, 0]
+    psf = ctx.psf
+    x_in = ctx.x_in[idx]
+    y_in = ctx.y_in[idx]
+    hb = ctx.hb
+    ox = np.rint(x_in).astype(np.int64) - hb
+    oy = np.rint(y_in).astype(np.int64) - hb
+    if contam is not None:
+        h_box, w_box = contam.shape[1:]
+        cont = np.ascontiguousarray(contam, dtype=np.float64)
+    else:
+        h_box = w_box = 2 * hb + 1
+        cont = np.zeros((1, 1, 1))
+    fixed0 = np.asarray(posfix[:, 0], dtype=np.bool_)
+    if start is None or ctx.forced:
+        xs0, ys0 = x_in, y_in
+    else:
+        xs0 = np.where(fixed0, x_in, start[0][:, 0])
+        ys0 = np.where(fixed0, y_in, start[1][:, 0])
+    pp = ctx.params
+    tab = np.zeros((0, 0)) if psf.residual is None else np.ascontiguousarray(psf.residual,
+                                                                             np.float64)
+    tscale = 1.0 if psf.residual is None else 1.0 / (1.0 + float(psf.residual.sum()))
+    res_f = np.empty((g_n, 11))
+    res_i = np.empty((g_n, 2), dtype=np.int64)
+    res_b = np.empty((g_n, 5), dtype=np.bool_)
+    inv_gain = 0.0 if ctx.gain is None else 1.0 / ctx.gain
+    _fit_single_nb(ctx.image, ctx.variance, ctx.bad, ox, oy, int(h_box), int(w_box),
+                   np.ascontiguousarray(x_in, np.float64), np.ascontiguousarray(y_in, np.float64),
+                   np.ascontiguousarray(xs0, np.float64), np.ascontiguousarray(ys0, np.float64),
+                   fixed0, np.asarray(pp.qxx[idx], np.float64), np.asarray(pp.qyy[idx], np.float64),
+                   np.asarray(pp.qxy[idx], np.float64), np.asarray(pp.k[idx], np.float64),
+                   np.asarray(pp.norm[idx], np.float64), float(psf.alpha), tab, tscale, cont,
+                   contam is not None, np.asarray(ctx.sky_fixed[idx], np.float64), inv_gain,
+                   float(ctx.r_fit), float(ctx.r_ext), int(ctx.max_iter), float(ctx.tol),
+                   float(ctx.max_shift), float(ctx.min_pos_snr), float(ctx.ext_sys),
+                   bool(ctx.forced), res_f, res_i, res_b)
+    out.x[idx], out.y[idx] = res_f[:, 0], res_f[:, 1]
+    out.xs[idx], out.ys[idx] = res_f[:, 2], res_f[:, 3]
+    out.f[idx], out.fs[idx] = res_f[:, 4], res_f[:, 5]
+    out.sky[idx] = ctx.sky_fixed[idx]
+    out.skys[idx] = 0.0
+    out.chi2[idx] = res_f[:, 6]
+    out.npix[idx], out.ndof[idx] = res_i[:, 0], res_i[:, 1]
+    out.qf[idx], out.ext[idx] = res_f[:, 7], res_f[:, 8]
+    out.apf[idx], out.apfs[idx] = res_f[:, 9], res_f[:, 10]
+    fl = np.zeros(g_n, dtype=np.uint16)
+    fl |= np.where(~res_b[:, 0], PHOT_FIT_FAILED, 0).astype(np.uint16)
+    fl |= np.where(res_b[:, 1], PHOT_NOT_CONVERGED, 0).astype(np.uint16)
+    fl |= np.where(res_b[:, 2], PHOT_EDGE, 0).astype(np.uint16)
+    fl |= np.where(res_b[:, 3], PHOT_POS_FIXED, 0).astype(np.uint16)
+    fl |= group_flag[idx].astype(np.uint16)
+    out.flags[idx] = fl
+    return res_b[:, 4:5].copy()
+
+
 def _fit_chunk(ctx: _Ctx, mem: np.ndarray, posfix: np.ndarray, contam: np.ndarray | None,
                out: _Out, group_flag: np.ndarray,
                start: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -313,6 +384,8 @@ def _fit_chunk(ctx: _Ctx, mem: np.ndarray, posfix: np.ndarray, contam: np.ndarra
     sources to remove, ``start`` optional starting centres.  Writes results into ``out``;
     returns a (G, n) bool array of members whose centre fit failed."""
     g_n, n = mem.shape
+    if n == 1 and not ctx.fit_sky and ctx.use_numba:
+        return _fit_chunk_single(ctx, mem, posfix, contam, out, group_flag, start)
     psf = ctx.psf
     x_in = ctx.x_in[mem]
     y_in = ctx.y_in[mem]
@@ -634,12 +707,23 @@ def _model_image(ctx: _Ctx, out: _Out) -> tuple[np.ndarray, _Stamps]:
     mxx, myy = p.qyy / (p.qxx * p.qyy - p.qxy ** 2), p.qxx / (p.qxx * p.qyy - p.qxy ** 2)
     smaj = np.sqrt(np.maximum(mxx, myy))
     ratio = np.maximum(np.abs(f) * p.norm / (0.002 * sig_bg), 1.0)
-    rad = smaj * np.sqrt(2.0 * ratio ** (1.0 / 1.666))
+    rad = smaj * np.sqrt(2.0 * ratio ** (1.0 / ctx.psf.alpha))
     half = np.clip(np.ceil(rad), ctx.hb, 64).astype(np.int64)
     half = (np.ceil(half / 4.0) * 4).astype(np.int64)
     cx = np.rint(out.x).astype(np.int64)
     cy = np.rint(out.y).astype(np.int64)
     valid = np.isfinite(out.f) & np.isfinite(out.x) & np.isfinite(out.y)
+    if ctx.use_numba:
+        psf = ctx.psf
+        tab = np.zeros((0, 0)) if psf.residual is None else np.ascontiguousarray(
+            psf.residual, np.float64)
+        tscale = 1.0 if psf.residual is None else 1.0 / (1.0 + float(psf.residual.sum()))
+        _add_stamps_nb(model, cx, cy, half, f, np.asarray(out.x, np.float64),
+                       np.asarray(out.y, np.float64), valid, np.asarray(p.qxx, np.float64),
+                       np.asarray(p.qyy, np.float64), np.asarray(p.qxy, np.float64),
+                       np.asarray(p.k, np.float64), np.asarray(p.norm, np.float64),
+                       float(psf.alpha), tab, tscale)
+        return model, _Stamps(half, cx, cy)
     colour = _colour_stamps(cx, cy, half, valid)
     mflat = model.ravel()
     for h, col in sorted({(int(a), int(b)) for a, b in zip(half[valid], colour[valid])}):
@@ -854,7 +938,7 @@ def fit_psf_photometry(image: np.ndarray, variance: np.ndarray, mask: np.ndarray
     sys_frac = math.hypot(ext_sys, psf.ap_sys_err * math.log(10.0) / 2.5)
     ctx = _Ctx(image, variance, bad, psf, params, x, y, sky_arr, gain, r_fit, r_ext, hb,
                forced, fit_sky, max_iter, max_shift_fwhm * fwhm, min_position_snr,
-               chunk_pixels, sys_frac, tol)
+               chunk_pixels, sys_frac, tol, HAVE_NUMBA)
     labels, big = _groups(x, y, b_rad, max_group)
     group_flag = np.where(big, PHOT_BIG_GROUP, 0).astype(np.uint16)
     posfix = np.zeros(n, dtype=bool)
@@ -885,3 +969,499 @@ def _finish(psf: PSFModel, out: _Out, labels: np.ndarray, apply_apcorr: bool) ->
         psf_major=np.asarray(maj, dtype=np.float64), psf_minor=np.asarray(mnr, dtype=np.float64),
         psf_theta=np.asarray(th, dtype=np.float64), group=np.asarray(labels, dtype=np.int64),
         flags=out.flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled path for single-source groups (numba)
+# ---------------------------------------------------------------------------------------------
+
+def _njit(fn):
+    return _numba.njit(cache=True, nogil=True)(fn) if _numba is not None else fn
+
+
+@_njit
+def _psf_pixel(dx, dy, qxx, qyy, qxy, k, norm, alpha, tab, tscale, out):  # pragma: no cover
+    """Unit-flux PSF (analytic part plus residual table) at offset (dx, dy) and its
+    derivatives with respect to the centre: out = (P, dP/dx0, dP/dy0).  The residual table
+    is interpolated bilinearly (zero beyond it), as :meth:`PSFModel.render`."""
+    z = 0.5 * (qxx * dx * dx + qyy * dy * dy) + qxy * dx * dy
+    zp = 0.0
+    if z > 0.0:
+        if alpha == 2.25:          # QGAUSS: z**1.25 with square roots (faster than pow)
+            zp = z * math.sqrt(math.sqrt(z))
+        else:                      # single-precision power, as the numpy path renders
+            zp = float(np.float32(z) ** np.float32(alpha - 1.0))
+    else:
+        z = 0.0
+    f = 1.0 / (1.0 + k * z + z * zp)
+    g = norm * (k + alpha * zp) * f * f
+    p = norm * f
+    dpx = g * (qxx * dx + qxy * dy)
+    dpy = g * (qyy * dy + qxy * dx)
+    nt = tab.shape[0]
+    if nt > 0:
+        rr = nt // 2
+        u = dx + rr
+        v = dy + rr
+        if u >= -1.0 and u < nt and v >= -1.0 and v < nt:
+            i0 = int(math.floor(u))
+            j0 = int(math.floor(v))
+            fx = u - i0
+            fy = v - j0
+            t00 = tab[j0, i0] if (j0 >= 0 and i0 >= 0) else 0.0
+            t01 = tab[j0, i0 + 1] if (j0 >= 0 and i0 + 1 < nt) else 0.0
+            t10 = tab[j0 + 1, i0] if (j0 + 1 < nt and i0 >= 0) else 0.0
+            t11 = tab[j0 + 1, i0 + 1] if (j0 + 1 < nt and i0 + 1 < nt) else 0.0
+            p += tscale * ((1 - fy) * ((1 - fx) * t00 + fx * t01)
+                           + fy * ((1 - fx) * t10 + fx * t11))
+            dpx -= tscale * ((1 - fy) * (t01 - t00) + fy * (t11 - t10))
+            dpy -= tscale * ((1 - fx) * (t10 - t00) + fx * (t11 - t01))
+    out[0] = p
+    out[1] = dpx
+    out[2] = dpy
+
+
+@_njit
+def _render_box(ox, oy, xc, yc, qxx, qyy, qxy, k, norm, alpha, tab, tscale, pr, dpx, dpy,
+                tmp, need, use_need):  # pragma: no cover - compiled
+    """PSF and its centre derivatives on a box (only where ``need`` with ``use_need``;
+    zero elsewhere)."""
+    h, w = pr.shape
+    for j in range(h):
+        dy = oy + j - yc
+        for i in range(w):
+            if use_need and not need[j, i]:
+                pr[j, i] = 0.0
+                dpx[j, i] = 0.0
+                dpy[j, i] = 0.0
+                continue
+            _psf_pixel(ox + i - xc, dy, qxx, qyy, qxy, k, norm, alpha, tab, tscale, tmp)
+            pr[j, i] = tmp[0]
+            dpx[j, i] = tmp[1]
+            dpy[j, i] = tmp[2]
+
+
+@_njit
+def _weights_box(fm, base, pr, flux, contam, inv_gain, use_model, wt):  # pragma: no cover
+    h, w = wt.shape
+    for j in range(h):
+        for i in range(w):
+            if not fm[j, i]:
+                wt[j, i] = 0.0
+            elif use_model and inv_gain > 0.0:
+                tot = flux * pr[j, i] + contam[j, i]
+                wt[j, i] = 1.0 / (base[j, i] + max(tot, 0.0) * inv_gain)
+            else:
+                wt[j, i] = 1.0 / base[j, i]
+
+
+@_njit
+def _normal3(wt, d, pr, dpx, dpy, flux, fixed, amat, bvec):  # pragma: no cover - compiled
+    """Normal equations of (flux, x, y) for one source (``fixed``: flux only, unit diagonal
+    for the centre); returns the chi-square of the residual ``d - flux P``."""
+    amat[:, :] = 0.0
+    bvec[:] = 0.0
+    chi2 = 0.0
+    h, w = wt.shape
+    for j in range(h):
+        for i in range(w):
+            ww = wt[j, i]
+            if ww == 0.0:
+                continue
+            r = d[j, i] - flux * pr[j, i]
+            chi2 += ww * r * r
+            j0 = pr[j, i]
+            amat[0, 0] += ww * j0 * j0
+            bvec[0] += ww * j0 * r
+            if not fixed:
+                j1 = flux * dpx[j, i]
+                j2 = flux * dpy[j, i]
+                amat[0, 1] += ww * j0 * j1
+                amat[0, 2] += ww * j0 * j2
+                amat[1, 1] += ww * j1 * j1
+                amat[1, 2] += ww * j1 * j2
+                amat[2, 2] += ww * j2 * j2
+                bvec[1] += ww * j1 * r
+                bvec[2] += ww * j2 * r
+    if fixed:
+        amat[1, 1] = 1.0
+        amat[2, 2] = 1.0
+    amat[1, 0] = amat[0, 1]
+    amat[2, 0] = amat[0, 2]
+    amat[2, 1] = amat[1, 2]
+    return chi2
+
+
+@_njit
+def _inv3(a, out):  # pragma: no cover - compiled
+    """Inverse of a 3x3 matrix by cofactors; False if singular or not finite."""
+    c00 = a[1, 1] * a[2, 2] - a[1, 2] * a[2, 1]
+    c01 = a[1, 2] * a[2, 0] - a[1, 0] * a[2, 2]
+    c02 = a[1, 0] * a[2, 1] - a[1, 1] * a[2, 0]
+    det = a[0, 0] * c00 + a[0, 1] * c01 + a[0, 2] * c02
+    if not (math.isfinite(det) and det != 0.0):
+        return False
+    out[0, 0] = c00 / det
+    out[1, 0] = c01 / det
+    out[2, 0] = c02 / det
+    out[0, 1] = (a[0, 2] * a[2, 1] - a[0, 1] * a[2, 2]) / det
+    out[1, 1] = (a[0, 0] * a[2, 2] - a[0, 2] * a[2, 0]) / det
+    out[2, 1] = (a[0, 1] * a[2, 0] - a[0, 0] * a[2, 1]) / det
+    out[0, 2] = (a[0, 1] * a[1, 2] - a[0, 2] * a[1, 1]) / det
+    out[1, 2] = (a[0, 2] * a[1, 0] - a[0, 0] * a[1, 2]) / det
+    out[2, 2] = (a[0, 0] * a[1, 1] - a[0, 1] * a[1, 0]) / det
+    return True
+
+
+@_njit
+def _fit_single_nb(image, variance, bad, ox, oy, hbox, wbox, x_in, y_in, xs0, ys0, posfix,
+                   qxx, qyy, qxy, kk, norm, alpha, tab, tscale, contam, has_contam, sky0,
+                   inv_gain, r_fit, r_ext, max_iter, tol, max_shift, min_pos_snr, ext_sys,
+                   forced, res_f, res_i, res_b):  # pragma: no cover - compiled
+    """PSF fit of single-source groups: the steps of :func:`_fit_chunk` for ``n == 1`` and a
+    fixed sky.  Writes per source ``res_f`` (x, y, x_sig, y_sig, flux, flux_sig, chi2/dof,
+    psf_qf, ext_nsigma, ap_flux, ap_flux_sig), ``res_i`` (npix, ndof) and ``res_b`` (ok,
+    not converged, edge, centre fixed, centre failed)."""
+    ny, nx = image.shape
+    ng = ox.size
+    d = np.empty((hbox, wbox))
+    base = np.empty((hbox, wbox))
+    good = np.empty((hbox, wbox), dtype=np.bool_)
+    inside = np.empty((hbox, wbox), dtype=np.bool_)
+    reg = np.empty((hbox, wbox), dtype=np.bool_)
+    fm = np.empty((hbox, wbox), dtype=np.bool_)
+    cbox = np.zeros((hbox, wbox))
+    pr = np.empty((hbox, wbox))
+    dpx = np.empty((hbox, wbox))
+    dpy = np.empty((hbox, wbox))
+    pt = np.empty((hbox, wbox))
+    dxt = np.empty((hbox, wbox))
+    dyt = np.empty((hbox, wbox))
+    wt = np.empty((hbox, wbox))
+    rim = np.empty(2 * wbox)
+    tmp = np.empty(3)
+    amat = np.empty((3, 3))
+    bvec = np.empty(3)
+    ainv = np.empty((3, 3))
+    al = np.empty((3, 3))
+    step = np.empty(3)
+    r2fit = r_fit * r_fit
+    r2ext = r_ext * r_ext
+    npar = 1 if forced else 3
+    for g in range(ng):
+        gx0 = ox[g]
+        gy0 = oy[g]
+        # pixels, fit region, weights' background part
+        for j in range(hbox):
+            yy = gy0 + j
+            for i in range(wbox):
+                xx = gx0 + i
+                ins = yy >= 0 and yy < ny and xx >= 0 and xx < nx
+                inside[j, i] = ins
+                dval = 0.0
+                vval = 1.0
+                bd = True
+                if ins:
+                    dval = image[yy, xx]
+                    vval = variance[yy, xx]
+                    bd = bad[yy, xx]
+                good[j, i] = ins and not bd
+                c = contam[g, j, i] if has_contam else 0.0
+                cbox[j, i] = c
+                d[j, i] = dval - c - sky0[g]
+                base[j, i] = vval - dval * inv_gain if inv_gain > 0.0 else vval
+                ddx = gx0 + i - x_in[g]
+                ddy = yy - y_in[g]
+                reg[j, i] = ddx * ddx + ddy * ddy <= r2fit
+                fm[j, i] = reg[j, i] and good[j, i]
+        # floor: a quarter of the median of the top and bottom rows (good pixels)
+        n_rim = 0
+        for i in range(wbox):
+            rim[i] = base[0, i] if good[0, i] else np.inf
+            rim[wbox + i] = base[hbox - 1, i] if good[hbox - 1, i] else np.inf
+        for i in range(2 * wbox):
+            if math.isfinite(rim[i]):
+                n_rim += 1
+        rim.sort()
+        fl = rim[min(n_rim // 2, 2 * wbox - 1)]
+        if not (math.isfinite(fl) and fl > 0.0):
+            vals = np.empty(hbox * wbox)
+            nv = 0
+            for j in range(hbox):
+                for i in range(wbox):
+                    if good[j, i]:
+                        yy = gy0 + j
+                        xx = gx0 + i
+                        vals[nv] = variance[yy, xx]
+                        nv += 1
+            fl = np.median(vals[:nv]) if nv > 0 else 1.0
+        fl *= 0.25
+        npix = 0
+        for j in range(hbox):
+            for i in range(wbox):
+                if base[j, i] < fl:
+                    base[j, i] = fl
+                if fm[j, i]:
+                    npix += 1
+        ok = npix > npar
+        fixed = forced or posfix[g]
+        xc = x_in[g]
+        yc = y_in[g]
+        if not forced and not posfix[g]:
+            xc = xs0[g]
+            yc = ys0[g]
+        _render_box(gx0, gy0, xc, yc, qxx[g], qyy[g], qxy[g], kk[g], norm[g], alpha, tab,
+                    tscale, pr, dpx, dpy, tmp, fm, True)
+        # 1. flux at the starting centre (linear), weights refreshed from the model
+        _weights_box(fm, base, pr, 0.0, cbox, inv_gain, False, wt)
+        _normal3(wt, d, pr, dpx, dpy, 0.0, True, amat, bvec)
+        lin_ok = amat[0, 0] > 0.0
+        ok = ok and lin_ok
+        flux = bvec[0] / amat[0, 0] if lin_ok else 0.0
+        sig = math.sqrt(1.0 / amat[0, 0]) if lin_ok else 1.0
+        if not math.isfinite(flux):
+            ok = False
+            flux = 0.0
+        not_conv = False
+        if inv_gain > 0.0 and ok:
+            n_lin = max_iter if forced else 1
+            conv = False
+            for _ in range(n_lin):
+                _weights_box(fm, base, pr, flux, cbox, inv_gain, True, wt)
+                _normal3(wt, d, pr, dpx, dpy, 0.0, True, amat, bvec)
+                ok_n = amat[0, 0] > 0.0
+                f_n = bvec[0] / amat[0, 0] if ok_n else 0.0
+                s_n = math.sqrt(1.0 / amat[0, 0]) if ok_n else 1.0
+                if not math.isfinite(f_n):
+                    ok_n = False
+                if not ok_n:
+                    f_n = 0.0
+                conv = abs(f_n - flux) <= tol * s_n
+                flux = f_n
+                sig = s_n
+                ok = ok and ok_n
+                if conv or not ok_n:
+                    break
+            if forced and not conv and ok:
+                not_conv = True
+        # 2. centre: Levenberg-Marquardt on flux and centre
+        failed_pos = False
+        if not forced:
+            if not (flux / max(sig, 1e-300) >= min_pos_snr):
+                fixed = True
+            chi2 = _normal3(wt, d, pr, dpx, dpy, flux, fixed, amat, bvec)
+            lam = 0.0
+            active = ok and not fixed
+            refreshed = inv_gain == 0.0
+            it = 0
+            while active and it < max_iter:
+                it += 1
+                if not _inv3(amat, ainv):
+                    small = False
+                    for u in range(3):
+                        step[u] = np.nan
+                else:
+                    small = True
+                    for u in range(3):
+                        s_u = math.sqrt(abs(ainv[u, u]))
+                        gn = ainv[u, 0] * bvec[0] + ainv[u, 1] * bvec[1] + ainv[u, 2] * bvec[2]
+                        if not abs(gn) <= tol * max(s_u, 1e-300):
+                            small = False
+                if small:
+                    active = False
+                    break
+                for u in range(3):
+                    for v in range(3):
+                        al[u, v] = amat[u, v]
+                    al[u, u] = amat[u, u] * (1.0 + lam)
+                fin = _inv3(al, ainv)
+                for u in range(3):
+                    step[u] = (ainv[u, 0] * bvec[0] + ainv[u, 1] * bvec[1]
+                               + ainv[u, 2] * bvec[2]) if fin else np.nan
+                fin = fin and math.isfinite(step[0]) and math.isfinite(step[1]) \
+                    and math.isfinite(step[2])
+                better = False
+                wander = False
+                if fin:
+                    sc = min(1.0, 1.0 / max(math.hypot(step[1], step[2]), 1e-12))
+                    f_t = flux + step[0]
+                    x_t = xc + step[1] * sc
+                    y_t = yc + step[2] * sc
+                    wander = math.hypot(x_t - x_in[g], y_t - y_in[g]) > max_shift
+                    _render_box(gx0, gy0, x_t, y_t, qxx[g], qyy[g], qxy[g], kk[g], norm[g],
+                                alpha, tab, tscale, pt, dxt, dyt, tmp, fm, True)
+                    chi2_t = 0.0
+                    for j in range(hbox):
+                        for i in range(wbox):
+                            if wt[j, i] != 0.0:
+                                r = d[j, i] - f_t * pt[j, i]
+                                chi2_t += wt[j, i] * r * r
+                    better = chi2_t <= chi2 * (1.0 + 1e-12)   # strict descent (float64)
+                if better:
+                    flux = f_t
+                    xc = x_t
+                    yc = y_t
+                    pr[:, :] = pt
+                    dpx[:, :] = dxt
+                    dpy[:, :] = dyt
+                    if not refreshed:
+                        _weights_box(fm, base, pr, flux, cbox, inv_gain, True, wt)
+                        refreshed = True
+                    chi2 = _normal3(wt, d, pr, dpx, dpy, flux, fixed, amat, bvec)
+                    lam *= 0.1
+                else:
+                    lam = max(lam * 10.0, 1e-3)
+                    if lam > 1e6:
+                        active = False
+                if wander and better:
+                    failed_pos = True
+                    active = False
+            not_conv = active and ok
+        # 3. final quantities at the solution (the PSF on the whole box: the aperture and
+        #    psf_qf reach beyond the fit pixels)
+        _render_box(gx0, gy0, xc, yc, qxx[g], qyy[g], qxy[g], kk[g], norm[g], alpha, tab,
+                    tscale, pr, dpx, dpy, tmp, fm, False)
+        _weights_box(fm, base, pr, flux, cbox, inv_gain, True, wt)
+        _normal3(wt, d, pr, dpx, dpy, flux, fixed, amat, bvec)
+        diag_ok = amat[0, 0] > 0.0 and amat[1, 1] > 0.0 and amat[2, 2] > 0.0
+        ok = ok and diag_ok
+        if forced:
+            amat[1, 1] = 1.0
+            amat[2, 2] = 1.0
+            amat[0, 1] = amat[0, 2] = amat[1, 0] = amat[2, 0] = amat[1, 2] = amat[2, 1] = 0.0
+        if not diag_ok:
+            for u in range(3):
+                for v in range(3):
+                    amat[u, v] = 1.0 if u == v else 0.0
+        if not _inv3(amat, ainv):
+            ok = False
+            for u in range(3):
+                ainv[u, u] = np.nan
+        dv0 = abs(ainv[0, 0])
+        dv1 = abs(ainv[1, 1])
+        dv2 = abs(ainv[2, 2])
+        ok = ok and math.isfinite(dv0) and math.isfinite(dv1) and math.isfinite(dv2) \
+            and math.isfinite(flux)
+        chi2_m = 0.0
+        p_reg = 0.0
+        p_good = 0.0
+        edge = False
+        a_f = 0.0
+        cfrac = 0.0
+        spp = 0.0
+        var_ap = 0.0
+        for j in range(hbox):
+            for i in range(wbox):
+                ww = wt[j, i]
+                if ww != 0.0:
+                    r = d[j, i] - flux * pr[j, i]
+                    chi2_m += ww * r * r
+                    spp += pr[j, i] * ww * pr[j, i]
+                if reg[j, i]:
+                    p_reg += pr[j, i]
+                    if good[j, i]:
+                        p_good += pr[j, i]
+                    if not inside[j, i]:
+                        edge = True
+        spp = max(spp, 1e-300)
+        for j in range(hbox):
+            ddy = gy0 + j - yc
+            for i in range(wbox):
+                ddx = gx0 + i - xc
+                ww = wt[j, i]
+                vw = 1.0 / ww if ww > 0.0 else base[j, i]
+                if good[j, i] and ddx * ddx + ddy * ddy <= r2ext:
+                    a_f += d[j, i]
+                    cfrac += pr[j, i]
+                    var_ap += vw
+        var_diff = 0.0
+        for j in range(hbox):
+            ddy = gy0 + j - yc
+            for i in range(wbox):
+                ddx = gx0 + i - xc
+                ww = wt[j, i]
+                vw = 1.0 / ww if ww > 0.0 else base[j, i]
+                a = 1.0 if (good[j, i] and ddx * ddx + ddy * ddy <= r2ext) else 0.0
+                cf = a - (cfrac / spp) * pr[j, i] * ww
+                var_diff += cf * cf * vw
+        npar_m = 1 if fixed else 3
+        ndof = max(npix - npar_m, 1)
+        den = math.sqrt(var_diff + (ext_sys * cfrac * max(flux, 0.0)) ** 2)
+        ext = (a_f - cfrac * flux) / den if den > 0.0 else np.nan
+        shift = math.hypot(xc - x_in[g], yc - y_in[g])
+        failed = (not fixed) and ok and (failed_pos or not math.isfinite(shift)
+                                         or shift > max_shift)
+        res_f[g, 0] = xc
+        res_f[g, 1] = yc
+        res_f[g, 2] = 0.0 if fixed else math.sqrt(dv1)
+        res_f[g, 3] = 0.0 if fixed else math.sqrt(dv2)
+        res_f[g, 4] = flux if ok else np.nan
+        res_f[g, 5] = math.sqrt(dv0) if ok else np.nan
+        res_f[g, 6] = chi2_m / ndof if ok else np.nan
+        res_f[g, 7] = p_good / max(p_reg, 1e-300)
+        res_f[g, 8] = ext if ok else np.nan
+        res_f[g, 9] = a_f if ok else np.nan
+        res_f[g, 10] = math.sqrt(var_ap)
+        res_i[g, 0] = npix
+        res_i[g, 1] = ndof
+        res_b[g, 0] = ok
+        res_b[g, 1] = not_conv
+        res_b[g, 2] = edge
+        res_b[g, 3] = fixed
+        res_b[g, 4] = failed
+
+
+@_njit
+def _add_stamps_nb(model, cx, cy, half, flux, xc, yc, valid, qxx, qyy, qxy, kk, norm, alpha,
+                   tab, tscale):  # pragma: no cover - compiled
+    """Add each valid source's model ``flux P`` on its square stamp (centre pixel
+    ``(cx, cy)``, half-size ``half``) into the float32 image ``model``; the analytic profile in
+    single precision (as the numpy path renders it), the residual table where it reaches."""
+    ny, nx = model.shape
+    nt = tab.shape[0]
+    rr = nt // 2
+    am1 = np.float32(alpha - 1.0)
+    one = np.float32(1.0)
+    half32 = np.float32(0.5)
+    for s in range(cx.size):
+        if not valid[s]:
+            continue
+        h = half[s]
+        a = np.float32(flux[s] * norm[s])
+        qx = np.float32(qxx[s])
+        qy = np.float32(qyy[s])
+        qc = np.float32(qxy[s])
+        k = np.float32(kk[s])
+        x0 = xc[s]
+        y0 = yc[s]
+        for j in range(max(cy[s] - h, 0), min(cy[s] + h + 1, ny)):
+            dy = np.float32(j - y0)
+            for i in range(max(cx[s] - h, 0), min(cx[s] + h + 1, nx)):
+                dx = np.float32(i - x0)
+                z = half32 * (qx * dx * dx + qy * dy * dy) + qc * dx * dy
+                if z > 0:
+                    model[j, i] += a / (one + k * z + z * z ** am1)
+                else:
+                    model[j, i] += a
+        if nt > 0:
+            ftab = flux[s] * tscale
+            for j in range(max(cy[s] - rr - 1, 0), min(cy[s] + rr + 2, ny)):
+                v = j - y0 + rr
+                if v < -1.0 or v >= nt:
+                    continue
+                j0 = int(math.floor(v))
+                fy = v - j0
+                for i in range(max(cx[s] - rr - 1, 0), min(cx[s] + rr + 2, nx)):
+                    if abs(i - cx[s]) > h or abs(j - cy[s]) > h:
+                        continue
+                    u = i - x0 + rr
+                    if u < -1.0 or u >= nt:
+                        continue
+                    i0 = int(math.floor(u))
+                    fx = u - i0
+                    t00 = tab[j0, i0] if (j0 >= 0 and i0 >= 0) else 0.0
+                    t01 = tab[j0, i0 + 1] if (j0 >= 0 and i0 + 1 < nt) else 0.0
+                    t10 = tab[j0 + 1, i0] if (j0 + 1 < nt and i0 >= 0) else 0.0
+                    t11 = tab[j0 + 1, i0 + 1] if (j0 + 1 < nt and i0 + 1 < nt) else 0.0
+                    model[j, i] += np.float32(ftab * ((1 - fy) * ((1 - fx) * t00 + fx * t01)
+                                                      + fy * ((1 - fx) * t10 + fx * t11)))

@@ -341,7 +341,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     # the PSF normalisation (flux within the model's reference radius, aperture corrected)
     scale_sel = good & (snr > 50) & (snr < 1000)
     scale = float(np.median(t["fm"][scale_sel] / t["f"][scale_sel])) if scale_sel.any() else 1.0
-    zf = (t["fm"] - scale * t["f"]) / t["sf"]
+    # the bounds are in injected-flux units: bring the measured fluxes to those units first
+    # (dividing the difference by the bound alone would scale the ratio by ``scale``)
+    zf = (t["fm"] / scale - t["f"]) / t["sf"]
     zx = (t["xm"] - t["x"]) / t["sx"]
     zy = (t["ym"] - t["y"]) / t["sy"]
     print(f"{len(rows)} stars on {args.chips} chips ({time.perf_counter() - t0:.0f} s); "
