@@ -46,6 +46,16 @@ def test_circle_pixel_overlap_is_exact():
     assert np.all((a >= 0) & (a <= 1 + 1e-12))
 
 
+def test_compiled_circle_overlap_matches_numpy():
+    from ps1mpi.algorithms import moments
+    rng = np.random.default_rng(3)
+    dx, dy = rng.uniform(-9, 9, (2, 40, 40))
+    r = rng.uniform(0.05, 8.0, (40, 1))
+    ref = moments._circle_pixel_overlap_np(dx, dy, np.broadcast_to(r, dx.shape))
+    assert np.abs(circle_pixel_overlap(dx, dy, r) - ref).max() < 1e-12
+    assert ref.sum() > 100  # the draws do overlap the discs
+
+
 @pytest.mark.parametrize("x0,y0", [(40.0, 40.0), (40.37, 39.71), (40.5, 40.5)])
 def test_aperture_flux_of_noiseless_gaussian_matches_analytic(x0, y0):
     sigma, flux = 2.5, 1000.0
