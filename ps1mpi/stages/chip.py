@@ -507,7 +507,8 @@ class ChipStage(Stage):
         im_run = ledger.column("rawImfile", "run")
         im_good = ((ledger.column("rawImfile", "state") == State.DONE)
                    & (ledger.column("rawImfile", "quality") == 0))
-        added = 0
+        # collect first, then one append per table: each append resizes every column
+        take, per_exp = [], []
         for i, rrow in enumerate(ready):
             chips = np.flatnonzero((im_run == rrow) & im_good)
             if chips.size == 0:
@@ -515,17 +516,26 @@ class ChipStage(Stage):
             names = [c.decode() for c in ledger.column("rawImfile", "chip", chips)]
             ra, dec = self._chip_centres(exp["camera"][i].decode(), names, float(exp["ra"][i]),
                                          float(exp["dec"][i]), float(exp["posangle"][i]))
-            run = ledger.append(self.run_table, 1, exp_name=exp["exp_name"][i],
-                                raw_exp=int(rrow), filter=exp["filter"][i], nchips=chips.size,
-                                ra=exp["ra"][i], dec=exp["dec"][i])
-            ledger.transition(self.run_table, run, State.RUN,
-                              message=f"from rawExp row {int(rrow)}")
-            rows = ledger.append(self.element_table, chips.size, run=run[0],
-                                 exp_name=exp["exp_name"][i], chip=names, raw_imfile=chips,
-                                 ra=ra, dec=dec)
-            ledger.transition(self.element_table, rows, State.NEW, message="registered")
-            added += chips.size
-        return added
+            take.append(i)
+            per_exp.append((chips, names, ra, dec))
+        if not take:
+            return 0
+        take = np.array(take)
+        nchips = np.array([c.size for c, *_ in per_exp])
+        runs = ledger.append(self.run_table, take.size, exp_name=exp["exp_name"][take],
+                             raw_exp=ready[take], filter=exp["filter"][take], nchips=nchips,
+                             ra=exp["ra"][take], dec=exp["dec"][take])
+        ledger.transition(self.run_table, runs, State.RUN,
+                          message=[f"from rawExp row {int(r)}" for r in ready[take]])
+        rows = ledger.append(self.element_table, int(nchips.sum()),
+                             run=np.repeat(runs, nchips),
+                             exp_name=np.repeat(exp["exp_name"][take], nchips),
+                             chip=[n for _, names, _, _ in per_exp for n in names],
+                             raw_imfile=np.concatenate([c for c, *_ in per_exp]),
+                             ra=np.concatenate([r for _, _, r, _ in per_exp]),
+                             dec=np.concatenate([d for *_, d in per_exp]))
+        ledger.transition(self.element_table, rows, State.NEW, message="registered")
+        return int(nchips.sum())
 
     def _chip_centres(self, camera: str, chips: list[str], ra: float, dec: float,
                       pa: float) -> tuple[np.ndarray, np.ndarray]:

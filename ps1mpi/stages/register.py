@@ -107,8 +107,9 @@ class RegisterStage(Stage):
         ends = np.searchsorted(im_run[order], ready, side="right")
         exp_cols = ledger.read("summitExp", ready, ["exp_name", "filter", "mjd", "camera",
                                                     "exptime", "ra", "dec"])
-        added = 0
         claimed: dict[bytes, int] = {}
+        take: list[int] = []
+        chip_rows: list[np.ndarray] = []
         for i, srow in enumerate(ready):
             name = bytes(s_name[srow])
             prior = registered.get(name, claimed.get(name))
@@ -124,20 +125,29 @@ class RegisterStage(Stage):
             if chips.size == 0 or np.any(im_state[chips] != State.DONE):
                 continue  # not every chip downloaded (cannot happen for a DONE run)
             claimed[name] = int(srow)
-            run = ledger.append(self.run_table, 1, exp_name=exp_cols["exp_name"][i],
-                                filter=exp_cols["filter"][i], mjd=exp_cols["mjd"][i],
-                                summit_exp=int(srow), camera=exp_cols["camera"][i],
-                                exptime=exp_cols["exptime"][i], ra=exp_cols["ra"][i],
-                                dec=exp_cols["dec"][i], nchips=chips.size)
-            ledger.transition(self.run_table, run, State.RUN,
-                              message=f"from summitExp row {int(srow)}")
-            c = ledger.read("summitImfile", chips, ["chip", "path"])
-            rows = ledger.append(self.element_table, chips.size, run=run[0],
-                                 exp_name=exp_cols["exp_name"][i], chip=c["chip"], path=c["path"],
-                                 ra=exp_cols["ra"][i], dec=exp_cols["dec"][i])
-            ledger.transition(self.element_table, rows, State.NEW, message="downloaded")
-            added += chips.size
-        return added
+            take.append(i)
+            chip_rows.append(chips)
+        if not take:
+            return 0
+        # one append per table for all the exposures: each append resizes every column
+        t = np.array(take)
+        nchips = np.array([c.size for c in chip_rows])
+        runs = ledger.append(self.run_table, t.size, exp_name=exp_cols["exp_name"][t],
+                             filter=exp_cols["filter"][t], mjd=exp_cols["mjd"][t],
+                             summit_exp=ready[t], camera=exp_cols["camera"][t],
+                             exptime=exp_cols["exptime"][t], ra=exp_cols["ra"][t],
+                             dec=exp_cols["dec"][t], nchips=nchips)
+        ledger.transition(self.run_table, runs, State.RUN,
+                          message=[f"from summitExp row {int(r)}" for r in ready[t]])
+        chips = np.concatenate(chip_rows)
+        c = ledger.read("summitImfile", chips, ["chip", "path"])
+        rows = ledger.append(self.element_table, chips.size, run=np.repeat(runs, nchips),
+                             exp_name=np.repeat(exp_cols["exp_name"][t], nchips),
+                             chip=c["chip"], path=c["path"],
+                             ra=np.repeat(exp_cols["ra"][t], nchips),
+                             dec=np.repeat(exp_cols["dec"][t], nchips))
+        ledger.transition(self.element_table, rows, State.NEW, message="downloaded")
+        return int(chips.size)
 
     # ------------------------------------------------------------------ units (rank 0)
     def units(self, ledger: Ledger, ctx: StageContext) -> list[WorkUnit]:
