@@ -22,6 +22,8 @@ BENCHMARKS = {
     "summitcopy": "summitcopy",
     "chip-accuracy": "chip_accuracy",
     "chip-speed": "chip_speed",
+    "detect-speed": "detect_speed",
+    "detrend-speed": "detrend_speed",
     "camera-accuracy": "camera_accuracy",
     "camera-speed": "camera_speed",
     "warp-speed": "warp_speed",
