@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,22 +100,45 @@ def test_uninterrupted_campaign_completes(reference):
         assert np.count_nonzero(ev["state"] == State.DONE) == led.nrows("summitImfile")
 
 
-@pytest.mark.parametrize("kill_after", [0.5])
-def test_killed_campaign_restarts_to_identical_products(simulated, reference, tmp_path, kill_after):
+STAGES = ("summitcopy", "register", "chip", "camera", "warp", "stack")
+
+
+def _kill_during(demo: Path, stage: str, delay: float) -> None:
+    """Start the campaign, SIGKILL the whole job (mpiexec and every rank) ``delay`` seconds
+    after ``stage`` has been handed its units, and check the kill landed mid-run."""
+    proc = _campaign(demo)
+    started = threading.Event()
+    marker = f"{stage}: "
+
+    def watch():  # the job's log lines, as they come
+        for line in proc.stdout:
+            if marker in line and "units to process" in line:
+                started.set()
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    assert started.wait(timeout=600), f"stage {stage} never started"
+    time.sleep(delay)
+    # a run that ended before its kill would test nothing
+    assert proc.poll() is None, f"the campaign ended within {delay:.2f} s of {stage} starting"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader.join(timeout=10)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_killed_campaign_restarts_to_identical_products(simulated, reference, tmp_path, seed):
+    """Kill the whole job at a random moment (a random stage, a random delay into it),
+    restart, kill again at a random moment of a later stage, then let the same command
+    finish: the products must be those of the uninterrupted run."""
     _, expected = reference
     demo = tmp_path / "campaign"
     shutil.copytree(simulated, demo / "sim")
-    # time one run to place the kill at a fraction of it, then kill the whole job hard
-    t0 = time.time()
-    proc = _campaign(demo)
-    rng = np.random.default_rng(int(kill_after * 100))
-    # the reference run's length is not known here: kill at a random moment early or late
-    deadline = t0 + 8.0 + rng.uniform(0, 30.0) * kill_after
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    rng = np.random.default_rng(seed)
+    first = int(rng.integers(1, len(STAGES) - 1))          # register .. warp
+    second = int(rng.integers(first + 1, len(STAGES)))     # a later stage, which has work left
+    for stage in (STAGES[first], STAGES[second]):
+        _kill_during(demo, stage, delay=float(rng.uniform(0.0, 1.0)))
     # restart: the same command finishes the campaign doing only what is missing
     _finish(_campaign(demo))
     with Ledger.open(demo / "ledger.h5") as led:
