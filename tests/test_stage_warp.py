@@ -291,3 +291,17 @@ def test_psf_transform_of_an_affine_map():
     dtheta = (float(shp.theta) - float(ref.theta) + 90.0) % 180.0 - 90.0
     assert abs(abs(dtheta) - 30.0) < 0.05
     assert model.norm_radius == pytest.approx(2 * psf.norm_radius, rel=1e-4)
+
+
+def test_exposure_centres_for_the_warp_order_wrap_at_ra_zero():
+    from ps1mpi.stages.warp import _group_centres
+
+    keys = np.array([b"e1", b"e2", b"e1", b"e2", b"e1"])
+    ra = np.array([359.8, 10.0, 0.2, 12.0, 0.0])
+    dec = np.array([-1.0, 5.0, 1.0, 7.0, 0.0])
+    cra, cdec = _group_centres(keys, ra, dec)
+    e1 = keys == b"e1"
+    # e1 straddles RA 0: its centre is near 0, not near 180
+    assert np.allclose(np.where(cra[e1] > 180, cra[e1] - 360, cra[e1]), 0.0, atol=1e-6)
+    assert np.allclose(cdec[e1], 0.0, atol=1e-3)
+    assert np.allclose(cra[~e1], 11.0, atol=0.01) and np.allclose(cdec[~e1], 6.0, atol=0.01)

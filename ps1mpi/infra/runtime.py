@@ -124,15 +124,23 @@ class RunReport:
     unit_wait_s: float = 0.0  # the part of wait_s spent inside units (also in busy_s)
 
 
-def region_order(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """Indices that sort positions by their HEALPix nested index (sky-region order)."""
+def region_index(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """HEALPix nested index of each position (the sky-region key; the largest int64 for a
+    position that is not finite)."""
     ra = np.asarray(ra, float)
     dec = np.asarray(dec, float)
     ok = np.isfinite(ra) & np.isfinite(dec)
     pix = np.full(ra.shape, np.iinfo(np.int64).max, np.int64)
     if ok.any():
         pix[ok] = hp.ang2pix(HEALPIX_NSIDE, ra[ok], dec[ok], nest=True, lonlat=True)
-    return np.lexsort((np.arange(ra.size), pix))
+    return pix
+
+
+def region_order(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Indices that sort positions by their HEALPix nested index (sky-region order); equal
+    indices keep their input order."""
+    pix = region_index(ra, dec)
+    return np.lexsort((np.arange(pix.size), pix))
 
 
 # ------------------------------------------------------------------------------ coordinator

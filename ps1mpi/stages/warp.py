@@ -45,7 +45,7 @@ from ..algorithms import maskbits
 from ..algorithms.combine import compute_input_weights
 from ..infra.ledger import Ledger
 from ..infra.products import atomic_outputs
-from ..infra.runtime import DataError, Outcome, WorkUnit
+from ..infra.runtime import DataError, Outcome, WorkUnit, region_index
 from ..infra.schema import State
 from .base import Stage, StageContext
 
@@ -662,6 +662,19 @@ class _ChipCache:
         return value, True
 
 
+def _group_centres(keys: np.ndarray, ra: np.ndarray, dec: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the mean position (deg, through unit vectors: safe across RA 0) of all
+    rows with the same key."""
+    _, inverse = np.unique(keys, return_inverse=True)
+    r, d = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
+    vec = np.column_stack([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)])
+    sums = np.zeros((inverse.max() + 1, 3))
+    np.add.at(sums, inverse, vec)
+    x, y, z = sums[inverse].T
+    return np.degrees(np.arctan2(y, x)) % 360.0, np.degrees(np.arctan2(z, np.hypot(x, y)))
+
+
 class WarpStage(Stage):
     """Warp calibrated exposures onto skycells (see the module docstring)."""
 
@@ -790,8 +803,13 @@ class WarpStage(Stage):
 
     # ------------------------------------------------------------------ units (rank 0)
     def units(self, ledger: Ledger, ctx: StageContext) -> list[WorkUnit]:
-        """Pending warps, ordered by skycell then time so that the coordinator's region order
-        keeps the exposures of one skycell together; cost = chips feeding the skycell."""
+        """Pending warps, one exposure's together: each unit carries its exposure's centre
+        (the mean of its skycells' centres) as the position the coordinator orders by, and
+        within an exposure the skycells are in sky-region order. A rank then gets runs of
+        adjacent skycells of one exposure and reads each chip once for all of them; ordered
+        by skycell, a rank needs every overlapping exposure's chips for each skycell, and on
+        the demo with 2 ranks 57 of 125 chip reads were repeats. Cost = chips feeding the
+        skycell."""
         rows = ledger.pending(self.element_table,
                               retry_cap=int(ctx.recipe.get("runtime.retry_cap")))
         if rows.size == 0:
@@ -799,13 +817,15 @@ class WarpStage(Stage):
         el = ledger.read(self.element_table, rows, ["exp_name", "skycell", "filter", "mjd",
                                                     "exptime", "chips", "n_chips", "ra", "dec",
                                                     "run"])
-        order = np.lexsort((el["exp_name"], el["mjd"], el["skycell"]))
+        exp_ra, exp_dec = _group_centres(el["exp_name"], el["ra"], el["dec"])
+        order = np.lexsort((el["skycell"], region_index(el["ra"], el["dec"]), el["exp_name"],
+                            region_index(exp_ra, exp_dec)))
         out = []
         for i in order:
             exp, cell = el["exp_name"][i].decode(), el["skycell"][i].decode()
             chips = [c for c in el["chips"][i].decode().split(",") if c]
             out.append(WorkUnit(self.element_table, int(rows[i]), f"{exp}.{cell}",
-                                float(el["ra"][i]), float(el["dec"][i]),
+                                float(exp_ra[i]), float(exp_dec[i]),
                                 cost=float(max(1, int(el["n_chips"][i]))),
                                 info={"exp_name": exp, "skycell": cell, "chips": chips,
                                       "filter": el["filter"][i].decode(),
