@@ -12,8 +12,9 @@ Writes: ROOT/warp/<EXP>/<EXP>.<SKYCELL>.wrp.fits (flux at zero point 25), .wrp.w
         warpRun (one per exposure) and warpSkyfile (one per exposure x skycell: good-pixel
         fraction, FWHM, zero point, covariance factor, map error, chips read).
 
-Work is ordered by exposure (exposures in sky order, skycells in region order within one); each rank keeps the chips
-it has read (recipe warp.chip_cache_mb) so a chip feeding several skycells is read once. A
+Work is ordered by exposure (exposures in sky order, skycells in region order within one);
+each rank keeps the chips it has read (recipe warp.chip_cache_mb) so a chip feeding several
+skycells is read once. A
 warp with fewer good pixels than warp.min_good_frac (10%) gets quality 1 and is not written.
 Recipe section [warp]: tessellation, kernel, grid_step, zero_point, min_good_frac, ...
 
