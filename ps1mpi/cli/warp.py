@@ -14,8 +14,8 @@ Writes: ROOT/warp/<EXP>/<EXP>.<SKYCELL>.wrp.fits (flux at zero point 25), .wrp.w
 
 Work is ordered by exposure (exposures in sky order, skycells in region order within one);
 each rank keeps the chips it has read (recipe warp.chip_cache_mb) so a chip feeding several
-skycells is read once. A
-warp with fewer good pixels than warp.min_good_frac (10%) gets quality 1 and is not written.
+skycells is read once. A warp with fewer good pixels than warp.min_good_frac (10%) gets
+quality 1 and is not written.
 Recipe section [warp]: tessellation, kernel, grid_step, zero_point, min_good_frac, ...
 
 Exit codes (the same on every rank): 0 all done, 1 some warps faulted or some calibrated
