@@ -89,7 +89,7 @@ def max_chip_error(sol, truth, cam, terms=None, *, use_wcs=False, rms=False):
 
 
 @pytest.fixture(scope="module")
-def testcam():
+def small_cam():
     return load_camera("testcam")
 
 
@@ -110,14 +110,14 @@ def test_proper_motion_propagation():
     assert mjd_to_julian_year(51544.5) == 2000.0
 
 
-def test_match_survives_pointing_and_rotation_errors_noise_free(testcam):
+def test_match_survives_pointing_and_rotation_errors_noise_free(small_cam):
     """5 arcmin pointing error and 0.5 deg rotation; the distortion polynomial is recovered."""
     rng = np.random.default_rng(1)
     dist = Distortion.gpc1_like(amplitude=3.0, norm=837.0)
     truth = FocalPlaneModel(150.0, 30.0, 12.0, 0.2581, dist)
-    det, ref = make_exposure(testcam, truth, rng=rng, n_ref=2500)
+    det, ref = make_exposure(small_cam, truth, rng=rng, n_ref=2500)
     ra_g, dec_g = offset_pointing(truth, 3.0, -4.0)          # 5 arcmin away
-    sol = solve_exposure_astrometry(det, ref, camera=testcam, guess=(ra_g, dec_g, 12.5),
+    sol = solve_exposure_astrometry(det, ref, camera=small_cam, guess=(ra_g, dec_g, 12.5),
                                     mjd=MJD, filter="r", sys_floor_px=0.0)
     assert sol.success, sol.reason
     assert sol.pattern.success and abs(np.degrees(sol.pattern.rotation) + 0.5) < 0.1
@@ -128,52 +128,52 @@ def test_match_survives_pointing_and_rotation_errors_noise_free(testcam):
     np.testing.assert_allclose(sol.model.distortion.coeffs_x, dist.coeffs_x, atol=1e-5)
     np.testing.assert_allclose(sol.model.distortion.coeffs_y, dist.coeffs_y, atol=1e-5)
     assert sol.rms_mas[2] < 5.0
-    assert max_chip_error(sol, truth, testcam) < 5.0
-    assert max_chip_error(sol, truth, testcam, use_wcs=True) < 5.0
+    assert max_chip_error(sol, truth, small_cam) < 5.0
+    assert max_chip_error(sol, truth, small_cam, use_wcs=True) < 5.0
 
 
-def test_rms_consistent_with_noise_and_proper_motions(testcam):
+def test_rms_consistent_with_noise_and_proper_motions(small_cam):
     rng = np.random.default_rng(2)
     truth = FocalPlaneModel(210.0, 55.0, -33.0, 0.2579,
                             Distortion.gpc1_like(amplitude=2.0, norm=837.0))
     noise = 0.06                                            # px -> 15.5 mas per axis
-    det, ref = make_exposure(testcam, truth, rng=rng, n_ref=6000, noise=noise, pm_sigma=40.0)
+    det, ref = make_exposure(small_cam, truth, rng=rng, n_ref=6000, noise=noise, pm_sigma=40.0)
     ra_g, dec_g = offset_pointing(truth, -2.0, 1.5)
-    sol = solve_exposure_astrometry(det, ref, camera=testcam, guess=(ra_g, dec_g, -33.8),
+    sol = solve_exposure_astrometry(det, ref, camera=small_cam, guess=(ra_g, dec_g, -33.8),
                                     mjd=MJD, sys_floor_px=0.0)
     assert sol.success, sol.reason
     expected = noise * truth.scale * 1000.0
     assert sol.rms_mas[0] == pytest.approx(expected, rel=0.12)
     assert sol.rms_mas[1] == pytest.approx(expected, rel=0.12)
     # the fitted model (30 parameters from ~600 stars) is far better than one measurement
-    assert max_chip_error(sol, truth, testcam, rms=True) < 0.4 * expected
-    assert max_chip_error(sol, truth, testcam) < expected
+    assert max_chip_error(sol, truth, small_cam, rms=True) < 0.4 * expected
+    assert max_chip_error(sol, truth, small_cam) < expected
     # without moving the reference stars (~0.35" after 8.5 yr) the fit is visibly worse
     ref_static = dict(ref, pmra=np.zeros_like(ref["pmra"]), pmdec=np.zeros_like(ref["pmdec"]))
-    bad = solve_exposure_astrometry(det, ref_static, camera=testcam, guess=(ra_g, dec_g, -33.8),
+    bad = solve_exposure_astrometry(det, ref_static, camera=small_cam, guess=(ra_g, dec_g, -33.8),
                                     mjd=MJD, sys_floor_px=0.0, max_rms_mas=1e4)
     assert bad.rms_mas[2] > 10 * sol.rms_mas[2]
 
 
-def test_chip_terms_and_chip_wcs_agree_with_truth(testcam):
+def test_chip_terms_and_chip_wcs_agree_with_truth(small_cam):
     rng = np.random.default_rng(3)
     truth = FocalPlaneModel(30.0, -10.0, 95.0, 0.2582,
                             Distortion.gpc1_like(amplitude=2.0, norm=837.0))
     true_terms = {}
-    for k, c in enumerate(testcam.chip_names):
-        xc, yc = testcam.chip_to_focal(c, 0.5 * (testcam.chip_nx - 1), 0.5 * (testcam.chip_ny - 1))
+    for k, c in enumerate(small_cam.chip_names):
+        xc, yc = small_cam.chip_to_focal(c, 0.5 * (small_cam.chip_nx - 1), 0.5 * (small_cam.chip_ny - 1))
         true_terms[c] = ChipTerms(dx=[1.5, -2.0, 0.7, -0.2][k], dy=[-1.0, 0.5, 2.2, -1.7][k],
                                   rot=[3e-4, -2e-4, -4e-4, 3e-4][k], xc=float(xc), yc=float(yc))
-    det, ref = make_exposure(testcam, truth, rng=rng, n_ref=6000, chip_terms=true_terms)
+    det, ref = make_exposure(small_cam, truth, rng=rng, n_ref=6000, chip_terms=true_terms)
     ra_g, dec_g = offset_pointing(truth, 1.0, 2.0)
-    sol = solve_exposure_astrometry(det, ref, camera=testcam, guess=(ra_g, dec_g, 95.3),
+    sol = solve_exposure_astrometry(det, ref, camera=small_cam, guess=(ra_g, dec_g, 95.3),
                                     mjd=MJD, sys_floor_px=0.0)
     assert sol.success, sol.reason
     # chip terms are defined up to what the shared model absorbs: compare positions, and
     # the relative chip offsets and rotations
-    assert max_chip_error(sol, truth, testcam, true_terms) < 2.0
-    assert max_chip_error(sol, truth, testcam, true_terms, use_wcs=True) < 2.0
-    names = testcam.chip_names
+    assert max_chip_error(sol, truth, small_cam, true_terms) < 2.0
+    assert max_chip_error(sol, truth, small_cam, true_terms, use_wcs=True) < 2.0
+    names = small_cam.chip_names
     rot_fit = np.array([sol.chip_offsets[c].rot for c in names])
     rot_true = np.array([true_terms[c].rot for c in names])
     np.testing.assert_allclose(rot_fit - rot_fit.mean(), rot_true - rot_true.mean(), atol=2e-6)
@@ -183,46 +183,46 @@ def test_chip_terms_and_chip_wcs_agree_with_truth(testcam):
     np.testing.assert_allclose(x, [10.0, 400.0], atol=1e-6)
     np.testing.assert_allclose(y, [20.0, 700.0], atol=1e-6)
     # without chip terms the same data cannot be fitted to the mas level
-    plain = solve_exposure_astrometry(det, ref, camera=testcam, guess=(ra_g, dec_g, 95.3),
+    plain = solve_exposure_astrometry(det, ref, camera=small_cam, guess=(ra_g, dec_g, 95.3),
                                       mjd=MJD, sys_floor_px=0.0, chip_terms="none",
                                       max_rms_mas=1e4)
     assert plain.rms_mas[2] > 50.0 > 10 * sol.rms_mas[2]
     # the solution survives a round trip through plain values
-    again = AstrometrySolution.from_dict(sol.to_dict(), testcam)
+    again = AstrometrySolution.from_dict(sol.to_dict(), small_cam)
     r2, d2 = again.pixel_to_sky("XY01", np.array([5.0]), np.array([6.0]))
     r1, d1 = sol.pixel_to_sky("XY01", np.array([5.0]), np.array([6.0]))
     assert sky_err_mas(r1, d1, r2, d2)[0] < 1e-6
 
 
-def test_affine_chip_terms_absorb_chip_scale_and_shear(testcam):
+def test_affine_chip_terms_absorb_chip_scale_and_shear(small_cam):
     rng = np.random.default_rng(8)
     truth = FocalPlaneModel(45.0, 20.0, 0.0, 0.258, Distortion.none())
     true_terms = {}
-    for k, c in enumerate(testcam.chip_names):
-        xc, yc = testcam.chip_to_focal(c, 0.5 * (testcam.chip_nx - 1), 0.5 * (testcam.chip_ny - 1))
+    for k, c in enumerate(small_cam.chip_names):
+        xc, yc = small_cam.chip_to_focal(c, 0.5 * (small_cam.chip_nx - 1), 0.5 * (small_cam.chip_ny - 1))
         true_terms[c] = ChipTerms(dx=0.5 * k, rot=1e-4 * (k - 1.5), scale=[2e-4, -1e-4, 0, 1e-4][k],
                                   e1=[-1e-4, 2e-4, 1e-4, 0][k], e2=[0, 1e-4, -2e-4, 1e-4][k],
                                   xc=float(xc), yc=float(yc))
-    det, ref = make_exposure(testcam, truth, rng=rng, n_ref=6000, chip_terms=true_terms)
-    kw = dict(camera=testcam, guess=(45.02, 20.01, 0.2), mjd=MJD, sys_floor_px=0.0, order=2)
+    det, ref = make_exposure(small_cam, truth, rng=rng, n_ref=6000, chip_terms=true_terms)
+    kw = dict(camera=small_cam, guess=(45.02, 20.01, 0.2), mjd=MJD, sys_floor_px=0.0, order=2)
     aff = solve_exposure_astrometry(det, ref, chip_terms="affine", **kw)
     assert aff.success, aff.reason
-    assert max_chip_error(aff, truth, testcam, true_terms, use_wcs=True) < 2.0
+    assert max_chip_error(aff, truth, small_cam, true_terms, use_wcs=True) < 2.0
     rot = solve_exposure_astrometry(det, ref, chip_terms="rotation", max_rms_mas=1e4, **kw)
     assert rot.rms_mas[2] > 5 * max(aff.rms_mas[2], 1.0)
 
 
-def test_outliers_and_spurious_detections_are_rejected(testcam):
+def test_outliers_and_spurious_detections_are_rejected(small_cam):
     rng = np.random.default_rng(4)
     truth = FocalPlaneModel(120.0, 70.0, 200.0, 0.258, Distortion.none())
-    det, ref = make_exposure(testcam, truth, rng=rng, n_ref=5000, noise=0.05, n_spurious=150)
+    det, ref = make_exposure(small_cam, truth, rng=rng, n_ref=5000, noise=0.05, n_spurious=150)
     n_real = len(det["x"]) - 150
     # a few real detections badly measured (blends): 3-8 px off
     bad = rng.choice(n_real, 15, replace=False)
     det["x"][bad] += rng.choice([-1, 1], 15) * rng.uniform(3, 8, 15)
     det["flags"][:5] = 1                                  # flagged detections are ignored
     ra_g, dec_g = offset_pointing(truth, 4.0, 3.0)
-    sol = solve_exposure_astrometry(det, ref, camera=testcam, guess=(ra_g, dec_g, 200.7),
+    sol = solve_exposure_astrometry(det, ref, camera=small_cam, guess=(ra_g, dec_g, 200.7),
                                     mjd=MJD)
     assert sol.success, sol.reason
     used = sol.det_index[sol.used]
@@ -231,32 +231,32 @@ def test_outliers_and_spurious_detections_are_rejected(testcam):
     assert (used < n_real).mean() > 0.99
     single = 0.05 * 258.0                                  # mas per axis
     assert sol.rms_mas[2] < 1.2 * np.sqrt(2) * single
-    assert max_chip_error(sol, truth, testcam, rms=True) < 0.4 * single
-    assert max_chip_error(sol, truth, testcam) < single
+    assert max_chip_error(sol, truth, small_cam, rms=True) < 0.4 * single
+    assert max_chip_error(sol, truth, small_cam) < single
 
 
-def test_failures_are_reported_not_raised(testcam):
+def test_failures_are_reported_not_raised(small_cam):
     rng = np.random.default_rng(5)
     truth = FocalPlaneModel(10.0, 5.0, 0.0, 0.258)
-    det, ref = make_exposure(testcam, truth, rng=rng, n_ref=3000)
+    det, ref = make_exposure(small_cam, truth, rng=rng, n_ref=3000)
     # detections unrelated to the catalogue: no pattern
     junk = dict(det, x=rng.uniform(0, 800, len(det["x"])), y=rng.uniform(0, 800, len(det["x"])))
-    sol = solve_exposure_astrometry(junk, ref, camera=testcam, guess=(10.0, 5.0, 0.0), mjd=MJD)
+    sol = solve_exposure_astrometry(junk, ref, camera=small_cam, guess=(10.0, 5.0, 0.0), mjd=MJD)
     assert not sol.success and "pattern" in sol.reason
     # pointing far outside the search range
     ra_g, dec_g = offset_pointing(truth, 20.0, 0.0)
-    sol = solve_exposure_astrometry(det, ref, camera=testcam, guess=(ra_g, dec_g, 0.0), mjd=MJD)
+    sol = solve_exposure_astrometry(det, ref, camera=small_cam, guess=(ra_g, dec_g, 0.0), mjd=MJD)
     assert not sol.success
     # too few detections
     few = {k: v[:8] for k, v in det.items()}
-    sol = solve_exposure_astrometry(few, ref, camera=testcam, guess=(10.0, 5.0, 0.0), mjd=MJD)
+    sol = solve_exposure_astrometry(few, ref, camera=small_cam, guess=(10.0, 5.0, 0.0), mjd=MJD)
     assert not sol.success and "usable detections" in sol.reason
     with pytest.raises(ValueError, match="det: missing column 'x'"):
-        solve_exposure_astrometry({"chip": det["chip"], "y": det["y"]}, ref, camera=testcam,
+        solve_exposure_astrometry({"chip": det["chip"], "y": det["y"]}, ref, camera=small_cam,
                                   guess=(10.0, 5.0, 0.0), mjd=MJD)
     with pytest.raises(ValueError, match="not chips of camera"):
         solve_exposure_astrometry(dict(det, chip=np.full(len(det["x"]), "XY77")), ref,
-                                  camera=testcam, guess=(10.0, 5.0, 0.0), mjd=MJD)
+                                  camera=small_cam, guess=(10.0, 5.0, 0.0), mjd=MJD)
 
 
 def test_gpc1_exposure_with_rotation_of_one_degree():

@@ -14,7 +14,7 @@ def gpc1():
 
 
 @pytest.fixture(scope="module")
-def testcam():
+def small_cam():
     return load_camera("testcam")
 
 
@@ -45,8 +45,8 @@ def test_gpc1_structure(gpc1):
         gpc1.chip("XY00")
 
 
-def test_cells_tile_the_chip(gpc1, testcam):
-    for cam in (gpc1, testcam):
+def test_cells_tile_the_chip(gpc1, small_cam):
+    for cam in (gpc1, small_cam):
         # xyIJ: I is the column (x), J the row (y)
         assert cam.cell_origin("xy10") == (cam.cell_nx + cam.cell_gap_x, 0)
         assert cam.cell_origin("xy01") == (0, cam.cell_ny + cam.cell_gap_y)
@@ -73,7 +73,7 @@ def test_cell_at(gpc1):
     assert gpc1.cell_at(x, y).tolist() == ["xy00", "xy00", "", "", "xy10", "xy77", "", ""]
 
 
-def test_raw_cell_sections(gpc1, testcam):
+def test_raw_cell_sections(gpc1, small_cam):
     assert gpc1.raw_cell_shape == (598, 624)
     assert gpc1.datasec == (0, 598, 0, 590)
     assert gpc1.biassec == (0, 598, 590, 624)
@@ -81,9 +81,9 @@ def test_raw_cell_sections(gpc1, testcam):
     raw = np.zeros(gpc1.raw_cell_shape)
     y0, y1, x0, x1 = gpc1.datasec
     assert raw[y0:y1, x0:x1].shape == (gpc1.cell_ny, gpc1.cell_nx)
-    y0, y1, x0, x1 = testcam.datasec
-    assert np.zeros(testcam.raw_cell_shape)[y0:y1, x0:x1].shape == (400, 400)
-    b = testcam.biassec
+    y0, y1, x0, x1 = small_cam.datasec
+    assert np.zeros(small_cam.raw_cell_shape)[y0:y1, x0:x1].shape == (400, 400)
+    b = small_cam.biassec
     assert b[1] - b[0] == 400 and b[3] - b[2] == 32
     assert parse_fits_section("[591:624,1:598]") == (0, 598, 590, 624)
     with pytest.raises(ValueError, match="BIASSEC"):
@@ -92,8 +92,8 @@ def test_raw_cell_sections(gpc1, testcam):
         parse_fits_section("[10:5,1:3]")
 
 
-def test_electronics_defaults(gpc1, testcam):
-    for cam in (gpc1, testcam):
+def test_electronics_defaults(gpc1, small_cam):
+    for cam in (gpc1, small_cam):
         assert 1.0 <= cam.gain <= 1.3
         assert 5.0 <= cam.read_noise <= 8.0
         assert 50000 <= cam.saturation <= 65535
@@ -101,22 +101,22 @@ def test_electronics_defaults(gpc1, testcam):
         assert 0 <= cam.dark_current < 1.0
 
 
-def test_testcam(testcam):
-    assert testcam.chip_names == ["XY00", "XY01", "XY10", "XY11"]
-    parities = {(c.xparity, c.yparity) for c in testcam.chips.values()}
+def test_testcam(small_cam):
+    assert small_cam.chip_names == ["XY00", "XY01", "XY10", "XY11"]
+    parities = {(c.xparity, c.yparity) for c in small_cam.chips.values()}
     assert parities == {(-1, -1), (1, 1)}
-    assert (testcam.chip_nx, testcam.chip_ny) == (808, 806)
-    assert testcam.pixel_scale == pytest.approx(0.258)
-    raw = len(testcam.chip_names) * 4 * np.prod(testcam.raw_cell_shape)
+    assert (small_cam.chip_nx, small_cam.chip_ny) == (808, 806)
+    assert small_cam.pixel_scale == pytest.approx(0.258)
+    raw = len(small_cam.chip_names) * 4 * np.prod(small_cam.raw_cell_shape)
     assert 2.5e6 < raw < 3.5e6
-    assert testcam.npix_exposure == 4 * 4 * 400 * 400
+    assert small_cam.npix_exposure == 4 * 4 * 400 * 400
 
 
-def test_optical_axis_is_layout_centre(gpc1, testcam):
+def test_optical_axis_is_layout_centre(gpc1, small_cam):
     # GPC1 chips span layout X 125.5 .. 39799.5 and Y 275.5 .. 41174.5 (pixel edges)
     assert (gpc1.axis_x, gpc1.axis_y) == (19962.5, 20725.0)
     assert gpc1.focal_plane_extent() == (-19837.0, 19837.0, -20449.5, 20449.5)
-    x0, x1, y0, y1 = testcam.focal_plane_extent()
+    x0, x1, y0, y1 = small_cam.focal_plane_extent()
     assert x0 == -x1 and y0 == -y1
 
 
@@ -150,8 +150,8 @@ def test_chip_at_focal_gaps_and_outside(gpc1):
     assert gpc1.chip_at_focal(1e6, 0.0) == ""
 
 
-def test_focal_plane_outline(gpc1, testcam):
-    for cam in (gpc1, testcam):
+def test_focal_plane_outline(gpc1, small_cam):
+    for cam in (gpc1, small_cam):
         X, Y = cam.focal_plane_outline()
         # counter-clockwise (positive signed area), rectilinear
         area = 0.5 * np.sum(X * np.roll(Y, -1) - np.roll(X, -1) * Y)

@@ -24,7 +24,7 @@ def gpc1():
 
 
 @pytest.fixture(scope="module")
-def testcam():
+def small_cam():
     return load_camera("testcam")
 
 
@@ -180,8 +180,8 @@ def test_chip_wcs_matches_model(camname, chips):
         m.chip_wcs(cam, chips[0], sip_order=1)
 
 
-def test_footprints(gpc1, testcam):
-    for cam in (gpc1, testcam):
+def test_footprints(gpc1, small_cam):
+    for cam in (gpc1, small_cam):
         m = FocalPlaneModel(0.2, -10.0, 61.0, cam.pixel_scale, _dist_for(cam))
         fr, fd = m.exposure_footprint(cam)
         fx, fy, _ = gnomonic_forward(fr, fd, m.ra, m.dec)

@@ -31,7 +31,7 @@ def rings():
 
 
 @pytest.fixture(scope="module")
-def test_tess():
+def tess_test_v1():
     return load_tessellation("TEST.V1")
 
 
@@ -65,8 +65,8 @@ def test_published_skycell_center(rings):
     assert (float(ra0), float(dec0)) == (332.0, 2.0)
 
 
-def test_skycell_numbering_starts_lower_left(rings, test_tess):
-    for t, p in ((rings, 1405), (test_tess, 70825)):
+def test_skycell_numbering_starts_lower_left(rings, tess_test_v1):
+    for t, p in ((rings, 1405), (tess_test_v1, 70825)):
         c = {s: t.skycell(t.skycell_name(p, s)) for s in (0, 9, 90, 55)}
         # row j grows to the North, column k to the West (RA decreasing, East left)
         assert c[90].dec_center > c[0].dec_center
@@ -102,8 +102,8 @@ def test_outside_declination_range(rings):
     assert polar and all(n.startswith("skycell.2643.") for n in polar)
 
 
-def test_neighbouring_skycells_overlap(rings, test_tess):
-    for t in (rings, test_tess):
+def test_neighbouring_skycells_overlap(rings, tess_test_v1):
+    for t in (rings, tess_test_v1):
         sc = t.skycell(t.skycell_name(t.first_projcell + len(t.zone) * 3, 44))
         half = t.overlap / 2
         # a point inside the overlap strip on each side belongs to both neighbours
@@ -134,18 +134,18 @@ def test_ring_construction_reproduces_rings_v3_bands(rings):
     assert np.all(np.abs(t["XCELL"][13:40] - rings.xcell[:27]) <= 8)
 
 
-def test_test_tessellation(test_tess):
-    assert test_tess.name == "TEST.V1"
-    assert test_tess.dec_limit == (-90.0, 90.0)
-    assert np.all((test_tess.xcell >= 1000) & (test_tess.xcell <= 1100))
-    assert np.all((test_tess.ycell >= 1000) & (test_tess.ycell <= 1100))
+def test_test_tessellation(tess_test_v1):
+    assert tess_test_v1.name == "TEST.V1"
+    assert tess_test_v1.dec_limit == (-90.0, 90.0)
+    assert np.all((tess_test_v1.xcell >= 1000) & (tess_test_v1.xcell <= 1100))
+    assert np.all((tess_test_v1.ycell >= 1000) & (tess_test_v1.ycell <= 1100))
     cam = load_camera("testcam")
     dist = Distortion.gpc1_like(norm=850.0)
     rng = np.random.default_rng(11)
     for _ in range(5):
         m = FocalPlaneModel(rng.uniform(0, 360), rng.uniform(-30, 80), rng.uniform(0, 360),
                             cam.pixel_scale, dist)
-        names = test_tess.skycells_in_polygon(*m.exposure_footprint(cam))
+        names = tess_test_v1.skycells_in_polygon(*m.exposure_footprint(cam))
         assert 2 <= len(names) <= 16
 
 
