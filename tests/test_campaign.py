@@ -4,7 +4,6 @@ was never interrupted."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,11 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import fitsio
 import numpy as np
 import pytest
 
 from ps1mpi.infra.ledger import Ledger
+from ps1mpi.infra.products import data_digests
 from ps1mpi.infra.schema import State
 
 from .mpi_util import REPO
@@ -42,29 +41,6 @@ def _finish(proc: subprocess.Popen, timeout: float = 900) -> str:
     return out
 
 
-def _data_digest(path: Path) -> str:
-    """Digest of a FITS file's data (not headers: they carry creation times)."""
-    h = hashlib.sha256()
-    with fitsio.FITS(str(path)) as fits:
-        for hdu in fits:
-            if hdu.has_data():
-                data = hdu.read()
-                h.update(np.ascontiguousarray(data).tobytes())
-    return h.hexdigest()
-
-
-def _products(demo_dir: Path) -> dict[str, str]:
-    out = {}
-    for sub in ("raw", "chip", "camera", "warp", "stack"):
-        base = demo_dir / sub
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".") and path.suffix in (".fits", ".cmf"):
-                out[str(path.relative_to(demo_dir))] = _data_digest(path)
-    return out
-
-
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory) -> Path:
     """The simulated survey, made once and copied into each campaign directory."""
@@ -81,7 +57,7 @@ def reference(simulated, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     shutil.copytree(simulated, demo / "sim")
     out = _finish(_campaign(demo))
     assert "=== campaign summary ===" in out
-    return demo, _products(demo)
+    return demo, data_digests(demo)
 
 
 def test_uninterrupted_campaign_completes(reference):
@@ -145,4 +121,4 @@ def test_killed_campaign_restarts_to_identical_products(simulated, reference, tm
         for table in ("summitImfile", "rawImfile"):
             counts = led.counts(table)
             assert counts["done"] == counts["total"] and counts["run"] == 0
-    assert _products(demo) == expected
+    assert data_digests(demo) == expected

@@ -15,7 +15,6 @@ The slow test runs the real ``tiny`` campaign in both modes and compares every F
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from ps1mpi.campaign import effective_group_size  # noqa: E402
 from ps1mpi.infra.ledger import Ledger  # noqa: E402
-from ps1mpi.infra.products import atomic_output  # noqa: E402
+from ps1mpi.infra.products import atomic_output, data_digests  # noqa: E402
 from ps1mpi.infra.schema import State  # noqa: E402
 from ps1mpi.stages.base import Outcome, Stage, WorkUnit  # noqa: E402
 
@@ -329,23 +328,6 @@ def test_a_failing_define_stops_every_rank_with_the_reason(tmp_path):
 
 # ------------------------------------------------------------------------------ the real thing
 
-def _fits_digests(root: Path) -> dict[str, str]:
-    import fitsio
-
-    out = {}
-    for sub in ("raw", "chip", "camera", "warp", "stack"):
-        for path in sorted((root / sub).rglob("*")) if (root / sub).is_dir() else []:
-            if path.is_file() and not path.name.startswith(".") and path.suffix in (".fits",
-                                                                                   ".cmf"):
-                h = hashlib.sha256()
-                with fitsio.FITS(str(path)) as fits:
-                    for hdu in fits:
-                        if hdu.has_data():
-                            h.update(np.ascontiguousarray(hdu.read()).tobytes())
-                out[str(path.relative_to(root))] = h.hexdigest()
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_tiny_campaign_overlap_products_equal_sequential(tmp_path):
@@ -365,7 +347,7 @@ def test_tiny_campaign_overlap_products_equal_sequential(tmp_path):
         summary = json.loads((demo / "summary.json").read_text())
         assert summary["mode"] == mode and summary["faults"] == []
         assert summary["timings"]["stack"]["done"] > 0
-        digests[mode] = _fits_digests(demo)
+        digests[mode] = data_digests(demo)
     assert len(digests["sequential"]) > 100
     assert digests["overlap"] == digests["sequential"]
 

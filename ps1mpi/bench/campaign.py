@@ -36,7 +36,6 @@ products_identical (overlap vs sequential), load_avg (1-minute load average befo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -48,8 +47,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
+from ..infra.products import data_digests
 from .common import emit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -191,27 +189,6 @@ def run_campaign(demo: Path, sim: Path, *, nranks: int, preset: str, overlap: bo
     return {"wall_s": wall, "cpu_s": cpu, "load_avg": load, "summary": summary}
 
 
-def product_digests(demo: Path) -> dict[str, str]:
-    """SHA-256 of the data (not the headers, which carry times) of every FITS product."""
-    import fitsio
-
-    out = {}
-    for sub in ("raw", "chip", "camera", "warp", "stack"):
-        base = demo / sub
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".") and path.suffix in (".fits",
-                                                                                   ".cmf"):
-                h = hashlib.sha256()
-                with fitsio.FITS(str(path)) as fits:
-                    for hdu in fits:
-                        if hdu.has_data():
-                            h.update(np.ascontiguousarray(hdu.read()).tobytes())
-                out[str(path.relative_to(demo))] = h.hexdigest()
-    return out
-
-
 def _line(label: str, run: dict) -> str:
     s = run["summary"]
     stages = "  ".join(f"{k} {v['wall_s']:.1f}" for k, v in s["timings"].items())
@@ -263,7 +240,7 @@ def run(argv: list[str]) -> dict:
                                      min_free_gb=args.min_free_gb, timeout=args.timeout)
             print(_line(f"{n} {'overlap' if overlap else 'rank(s)'}", runs[key]), flush=True)
             if key in compare:
-                digests[key] = product_digests(demo)
+                digests[key] = data_digests(demo)
             if not args.keep:
                 shutil.rmtree(demo, ignore_errors=True)
         for key, r in runs.items():

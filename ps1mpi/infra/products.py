@@ -12,7 +12,10 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_output", "atomic_outputs"]
+__all__ = ["atomic_output", "atomic_outputs", "data_digests", "PRODUCT_DIRS"]
+
+PRODUCT_DIRS = ("raw", "chip", "camera", "warp", "stack")
+"""Top-level product directories of a campaign, in pipeline order."""
 
 
 @contextlib.contextmanager
@@ -56,3 +59,32 @@ def atomic_outputs(paths: dict[str, str | os.PathLike]) -> Iterator[dict[str, Pa
         for tmp in tmps.values():
             if tmp.exists():
                 tmp.unlink()
+
+
+def data_digests(root: str | os.PathLike, subdirs: tuple[str, ...] = PRODUCT_DIRS
+                 ) -> dict[str, str]:
+    """SHA-256 of the data of every FITS product (``.fits``, ``.cmf``) under ``root/<subdir>``,
+    keyed by the path relative to ``root``. Headers are left out: they carry creation times,
+    so two runs with the same products have the same digests."""
+    import hashlib
+
+    import fitsio
+    import numpy as np
+
+    root = Path(root)
+    out: dict[str, str] = {}
+    for sub in subdirs:
+        base = root / sub
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*")):
+            if not (path.is_file() and not path.name.startswith(".")
+                    and path.suffix in (".fits", ".cmf")):
+                continue
+            h = hashlib.sha256()
+            with fitsio.FITS(str(path)) as fits:
+                for hdu in fits:
+                    if hdu.has_data():
+                        h.update(np.ascontiguousarray(hdu.read()).tobytes())
+            out[str(path.relative_to(root))] = h.hexdigest()
+    return out
