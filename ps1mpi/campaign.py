@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 import threading
 import time
 import traceback
@@ -261,10 +260,9 @@ def run_campaign(world: World, *, ledger: Ledger | None, root: Path, ledger_path
         ctx = make_context(root=root, recipe=recipe, world=world, ledger_path=ledger_path,
                            stage=spec.name)
         size = max(1, int(getattr(stage, "group_size", 1)))
-        if size > 1 and groups == "adaptive":
-            stage.group_size = effective_group_size(size, world.size,
-                                                    _pending_units(world, stage, ctx, ledger))
-        rep = run_stage(stage, ctx, ledger)
+        adapt = (_group_sizer(stage, size, world.size)
+                 if size > 1 and groups == "adaptive" else None)
+        rep = run_stage(stage, ctx, ledger, on_units=adapt)
         if size > 1:
             group = max(1, min(int(stage.group_size), world.size))
             report.groups[spec.name] = {group: rep.units} if rep.units else {}
@@ -292,19 +290,12 @@ def effective_group_size(group_size: int, nranks: int, nunits: int | None) -> in
     return max(1, min(group_size, nranks // max(1, int(nunits))))
 
 
-def _pending_units(world: World, stage: Stage, ctx: StageContext,
-                   ledger: Ledger | None) -> int | None:
-    """Units the stage will run (rank 0 defines its work; every rank gets the count). None
-    when defining fails: :func:`run_stage` then reports the error on every rank."""
-    count = None
-    if world.rank == 0:
-        try:
-            stage.define(ledger, ctx)
-            ledger.flush()
-            count = len(stage.units(ledger, ctx))
-        except Exception:  # noqa: BLE001 - run_stage defines again and reports it everywhere
-            count = None
-    return world.bcast_object(count)
+def _group_sizer(stage: Stage, group_size: int, nranks: int):
+    """``on_units`` callback of :func:`run_stage`: the stage's ranks per unit for the number of
+    units it is about to run (:func:`effective_group_size`)."""
+    def size_groups(n_units: int) -> None:
+        stage.group_size = effective_group_size(group_size, nranks, n_units)
+    return size_groups
 
 
 def runqueue_s() -> float:

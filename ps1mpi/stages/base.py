@@ -36,7 +36,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -135,11 +135,14 @@ def close_finished_runs(ledger: Ledger, run_table: str, element_table: str) -> n
     return close
 
 
-def run_stage(stage: Stage, ctx: StageContext, ledger: Ledger | None) -> RunReport:
+def run_stage(stage: Stage, ctx: StageContext, ledger: Ledger | None, *,
+              on_units: Callable[[int], None] | None = None) -> RunReport:
     """Define, distribute and complete one stage over the job's world (collective).
 
     Rank 0 passes the open writable ledger; other ranks pass None. If rank 0 fails while
-    defining the work, every rank learns it and the error is raised everywhere.
+    defining the work, every rank learns it and the error is raised everywhere. When given,
+    ``on_units(n)`` is called on every rank with the number of units about to run, before they
+    are handed out (the campaign sizes the rank groups of a stage with it).
     """
     world = ctx.world
     setup_error = None
@@ -155,9 +158,12 @@ def run_stage(stage: Stage, ctx: StageContext, ledger: Ledger | None) -> RunRepo
         except Exception as err:  # noqa: BLE001 - reported to every rank below
             setup_error = f"{type(err).__name__}: {err}"
             ctx.log.exception("%s: defining the work failed", stage.name)
-    setup_error = world.bcast_object(setup_error)
+    setup_error, n_units = world.bcast_object(
+        (setup_error, len(units) if units is not None else 0))
     if setup_error:
         raise RuntimeError(f"stage {stage.name}: {setup_error}")
+    if on_units is not None:
+        on_units(n_units)
     report = run_units(stage, ctx, ledger, units)
     if world.rank == 0:
         stage.complete(ledger, ctx)
